@@ -1,0 +1,66 @@
+"""BAO reward-shaping configuration (../shared/BAO.md, stage 2) and the named algorithm presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+TurnCredit = Literal["r2g", "equalized", "em"]
+TrajectoryScore = Literal["sum", "mean", "r2g"]
+TURN_CREDITS: tuple[str, ...] = ("r2g", "equalized", "em")
+TRAJECTORY_SCORES: tuple[str, ...] = ("sum", "mean", "r2g")
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """How per-turn rewards become turn credits, trajectory scores and token advantages.
+
+    turn_credit: r2g (BAO, discounted reward-to-go) | equalized (UserRL, c_t = 1) | em.
+    score: sum (BAO) | mean (UserRL's "Sum") | r2g (discounted return).
+    info_seeking_coef: λ_IS, penalty for consecutive answers in a failed trajectory.
+    overthinking_coef: λ_OT, penalty for failed trajectories that ended before ``horizon`` turns.
+    horizon: the turn budget T. norm_by_std: divide by the group std (GRPO) or not (Dr.GRPO).
+    """
+
+    turn_credit: TurnCredit = "r2g"
+    score: TrajectoryScore = "sum"
+    gamma: float = 0.8
+    info_seeking_coef: float = 0.0
+    overthinking_coef: float = 0.0
+    horizon: int = 15
+    norm_by_std: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.turn_credit not in TURN_CREDITS:
+            raise ValueError(f"ShapingConfig.turn_credit must be one of {TURN_CREDITS}, got {self.turn_credit!r}")
+        if self.score not in TRAJECTORY_SCORES:
+            raise ValueError(f"ShapingConfig.score must be one of {TRAJECTORY_SCORES}, got {self.score!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"ShapingConfig.gamma must be in [0, 1], got {self.gamma}")
+        if self.info_seeking_coef < 0 or self.overthinking_coef < 0:
+            raise ValueError(
+                "ShapingConfig.info_seeking_coef and overthinking_coef must be >= 0, got "
+                f"{self.info_seeking_coef} and {self.overthinking_coef}"
+            )
+        if self.horizon < 1:
+            raise ValueError(f"ShapingConfig.horizon must be >= 1, got {self.horizon}")
+        if self.eps <= 0:
+            raise ValueError(f"ShapingConfig.eps must be > 0, got {self.eps}")
+
+
+ALGORITHMS: tuple[str, ...] = ("bao", "userrl", "grpo")
+
+
+def preset(name: str, horizon: int = 15) -> ShapingConfig:
+    """Shaping of a named algorithm: ``bao`` (r2g credits, sum score, both penalties at the release
+    coefficients), ``userrl`` (equalized credits, mean score), ``grpo`` (outcome reward: equalized credits,
+    sum score, no penalties)."""
+    presets = {
+        "bao": ShapingConfig("r2g", "sum", info_seeking_coef=0.005, overthinking_coef=0.05),
+        "userrl": ShapingConfig("equalized", "mean"),
+        "grpo": ShapingConfig("equalized", "sum"),
+    }
+    if name not in presets:
+        raise ValueError(f"algo.name must be one of {ALGORITHMS}, got {name!r}")
+    return replace(presets[name], horizon=horizon)

@@ -1,0 +1,1 @@
+"""Packed multi-turn batches, chat templating and SFT datasets."""

@@ -1,0 +1,1 @@
+"""Gym protocol, programmatic and LLM-user gyms, user-simulator client, scripted teachers."""

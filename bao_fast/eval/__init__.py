@@ -1,0 +1,1 @@
+"""Metrics (Score, Pass@U-k, UR), Pareto frontier, plots and reports."""

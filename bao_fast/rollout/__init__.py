@@ -1,0 +1,1 @@
+"""Multi-turn agent loop and generation engines (vLLM colocated, transformers fallback)."""
