@@ -1,0 +1,308 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted CLI overrides.
+
+``load_config("configs/demo-cpu.yaml", ["algo.shaping.gamma=0.9", "train.steps=4"])`` starts from the
+dataclass defaults, applies the YAML, then the overrides (values parsed as YAML scalars), and rejects
+unknown keys and wrong types with a ``ConfigError`` naming the dotted key. ``algo.name`` selects the
+shaping preset of ``bao_fast.algo.shaping.preset``; explicit ``algo.shaping.*`` keys override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bao_fast.algo.loss import LossConfig
+from bao_fast.algo.shaping import ShapingConfig, preset
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type, or an invalid value."""
+
+
+@dataclass
+class ModelConfig:
+    """Policy model. ``tiny: true`` creates a random-weight tiny Qwen2 (``bao_fast.models``) at ``path``
+    (default ``<run_dir>/init-model``); otherwise ``path`` is a local HF checkpoint directory."""
+
+    path: str = ""
+    tiny: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    gradient_checkpointing: bool = False
+    use_liger: bool = True
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class EnvConfig:
+    """Gym and its task sets (``bao_fast.envs.make_tasks``)."""
+
+    name: str = "function"
+    level: int = 1
+    num_train_tasks: int = 460
+    num_eval_tasks: int = 78
+    tasks_path: str = ""
+    split_path: str = ""
+    max_turns: int = 15
+    seed: int = 0
+    user_base_url: str = ""
+    user_model: str = ""
+
+
+@dataclass
+class RolloutConfig:
+    """Multi-turn generation. ``engine: vllm`` colocates vLLM in the training processes; ``hf`` uses
+    transformers ``generate``. ``max_model_len`` bounds prompt + all turns (BAO.md end condition)."""
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    group_size: int = 8
+    prompts_per_step: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turn_tokens: int = 1024
+    max_model_len: int = 8152
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gib: float = 1.0
+    sleep_level: int = 1
+    enforce_eager: bool = False
+    weight_sync_bucket_mb: int = 512
+    old_logprobs: Literal["recompute", "engine"] = "recompute"
+    env_workers: int = 8
+
+
+@dataclass
+class AlgoConfig:
+    """BAO algorithm: ``name`` in bao | userrl | grpo picks the shaping preset."""
+
+    name: Literal["bao", "userrl", "grpo"] = "bao"
+    shaping: ShapingConfig = field(default_factory=lambda: preset("bao"))
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up then constant / cosine / linear decay."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class SFTConfig:
+    """Behaviour-enhanced SFT on teacher trajectories (loss on assistant tokens only)."""
+
+    enabled: bool = True
+    teacher: str = "scripted"
+    num_trajectories: int = 256
+    epochs: int = 2
+    micro_batch_tokens: int = 8192
+    batch_trajectories: int = 16
+    eval_fraction: float = 0.1
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=10, schedule="cosine"))
+
+
+@dataclass
+class TrainConfig:
+    """RL loop sizes. A step = ``rollout.prompts_per_step`` prompts × ``group_size`` rollouts, split into
+    ``mini_batch_size`` optimiser steps per PPO epoch, each accumulated over micro-batches of at most
+    ``micro_batch_tokens`` tokens."""
+
+    steps: int = 100
+    ppo_epochs: int = 1
+    mini_batch_size: int = 16
+    micro_batch_tokens: int = 16384
+    eval_every: int = 10
+    max_nonfinite_steps: int = 3
+    entropy_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """DCP checkpoints under ``<run_dir>/checkpoints`` every ``save_every`` steps (0 = only at the end)."""
+
+    save_every: int = 10
+    keep_last: int = 2
+    resume: bool = True
+    export_hf: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """JSONL metrics always; rich progress, TensorBoard and wandb optional."""
+
+    progress: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "bao_fast"
+
+
+@dataclass
+class EvalConfig:
+    """Greedy (or sampled) evaluation on the eval split, ``num_seeds`` seeds, Pass@U-k up to ``max_k``."""
+
+    num_tasks: int = 78
+    num_seeds: int = 1
+    greedy: bool = True
+    temperature: float = 1.0
+    max_k: int = 9
+
+
+@dataclass
+class Config:
+    """Everything one run needs."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_scalar(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_scalar(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> Any:
+    """Instantiate dataclass ``cls`` from ``base`` (or defaults) updated with the nested dict ``data``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{suggestion}")
+    current = base if base is not None else cls()
+    values = {}
+    for name in names:
+        tp, key = hints[name], f"{prefix}{name}"
+        old = getattr(current, name)
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, data.get(name, {}), f"{key}.", old)
+        elif name in data:
+            values[name] = _check_scalar(data[name], tp, key)
+        else:
+            values[name] = old
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ConfigError(f"invalid '{prefix.rstrip('.') or 'config'}': {exc}") from exc
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict, values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like 'section.key=value'")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a nested dict into a Config (the algorithm preset is applied before ``algo.shaping``)."""
+    algo = data.get("algo", {}) if isinstance(data.get("algo", {}), dict) else {}
+    horizon = data.get("env", {}).get("max_turns", EnvConfig.max_turns) if isinstance(data.get("env"), dict) else 15
+    base = Config()
+    if "name" in algo:
+        name = _check_scalar(algo["name"], typing.get_type_hints(AlgoConfig)["name"], "algo.name")
+        base.algo = AlgoConfig(name=name, shaping=preset(name, horizon=horizon), loss=base.algo.loss)
+    else:
+        base.algo = AlgoConfig(shaping=preset("bao", horizon=horizon))
+    return _build(Config, data, "", base)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file at ``path`` <- dotted ``overrides``; raises ConfigError on any bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML dumps and run metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML that ``load_config`` reads back to an equal Config."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,46 @@
+"""The shipped tokenizer and the tiny-model factory that tests and the demo build on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bao_fast.models import TinyModelSpec, create_tiny_model, load_tokenizer
+
+
+def test_tokenizer_chat_template_and_markup_tokens() -> None:
+    tok = load_tokenizer()
+    assert len(tok) == 2048
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    messages = [{"role": "user", "content": "[action] 1 2 3 4"}, {"role": "assistant", "content": "<think>x</think>"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == "<|im_start|>user\n[action] 1 2 3 4<|im_end|>\n<|im_start|>assistant\n<think>x</think><|im_end|>\n"
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    for markup in ("<think>", "</think>", "<tool_call>", "</tool_call>"):
+        ids = tok.encode(markup, add_special_tokens=False)
+        assert len(ids) == 1, markup
+        assert tok.decode(ids, skip_special_tokens=True) == markup  # markup survives decoding
+    sample = "Reward: 0.0\n[answer] -12.5 <tool_call>{\"choice\": \"action\"}</tool_call>"
+    assert tok.decode(tok.encode(sample, add_special_tokens=False)) == sample
+
+
+def test_create_tiny_model_round_trips_and_is_idempotent(tmp_path: Path) -> None:
+    spec = TinyModelSpec(hidden_size=64, num_hidden_layers=1, intermediate_size=96)
+    path = create_tiny_model(tmp_path / "m", spec=spec, seed=3)
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert create_tiny_model(tmp_path / "m", spec=spec, seed=3) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.vocab_size == len(tok) == 2048
+    assert model.config.head_dim == 64 and model.config.hidden_size == 64
+    ids = torch.tensor([tok.encode("[action] 1 2 3 4", add_special_tokens=False)])
+    logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 2048) and torch.isfinite(logits).all()
+
+    other = AutoModelForCausalLM.from_pretrained(create_tiny_model(tmp_path / "n", spec=spec, seed=4))
+    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)  # the seed matters
