@@ -27,6 +27,8 @@ setup: $(STAMPS)/ext
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	@# A recent pip installs editable packages through PEP 660, which honours the kernels/ mapping.
+	$(BIN)/pip install -q --upgrade pip
 
 $(STAMPS)/deps: setup.py Makefile | $(BIN)/python
 	@mkdir -p $(STAMPS)

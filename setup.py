@@ -80,7 +80,7 @@ setup(
     version="0.1.0",
     description="Lean, fast BAO trainer for proactive multi-turn LLM agents, with fused Triton/C++ ops",
     python_requires=">=3.10",
-    packages=find_packages(include=["bao_fast", "bao_fast.*"]) + ["bao_fast.kernels", "bao_fast.configs"],
+    packages=[*find_packages(include=["bao_fast", "bao_fast.*"]), "bao_fast.kernels", "bao_fast.configs"],
     package_dir={"bao_fast.kernels": "kernels", "bao_fast.configs": "configs"},
     package_data={"bao_fast": ["assets/tokenizer/*"], "bao_fast.configs": ["*.yaml"]},
     ext_modules=extensions(),
