@@ -1,0 +1,174 @@
+"""Run many multi-turn episodes at once on one generation engine.
+
+::
+
+    trajs = run_episodes(engine, tokenizer, lambda: make_gym("function", max_turns=15), tasks,
+                         group_size=8, params=GenerationParams(max_tokens=1024, stop_token_ids=(eos,)),
+                         max_turns=15, max_model_len=8152, seeds=[...], env_workers=8)
+
+Each round submits the prompts of all live episodes in one ``engine.generate`` call (the engine batches
+them continuously), then steps the gyms in a thread pool (LLM-simulated users are slow, programmatic ones
+cost nothing), then extends each prompt with the engine's output ids verbatim and the template ids of
+the feedback (``ChatFormat``). The conversation is never re-tokenised. Episodes of task ``i`` are
+``group_size`` consecutive trajectories sharing ``group_id = i`` and the gym seed ``seeds[i]``; they differ
+only through sampling. With ``params.seed`` set, round ``t`` uses ``params.seed + t * num_episodes`` (the
+engines add the request index), so a run is reproducible.
+
+End conditions (BAO.md), in the order they are checked after a turn:
+
+* ``context_limit``: the generation was cut at ``max_model_len`` (prompt + output; the gym is not
+  stepped, the cut turn is recorded with choice ``invalid`` and reward 0), or the next prompt would be
+  longer than ``max_model_len - 1`` tokens (no room to generate; the turn itself was stepped);
+* the gym's verdict: ``correct`` (terminated with success), ``finish``, ``no_tool_call``, ``terminated``;
+  ``max_turns`` when the gym truncates or ``max_turns`` rounds are done.
+
+Malformed outputs are the gym's business: it answers with an error message and the episode continues.
+A generation that stops at ``max_tokens`` without a tool call is stepped like any other turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from bao_fast.envs.base import Gym, StepResult
+from bao_fast.rollout.chat_format import ChatFormat
+from bao_fast.rollout.engine import Generation, GenerationEngine, GenerationParams
+from bao_fast.rollout.trajectory import EndReason, Trajectory
+
+
+@dataclass
+class _Episode:
+    gym: Gym
+    traj: Trajectory
+    prompt: list[int]
+    done: bool = False
+
+    def finish(self, reason: EndReason) -> None:
+        self.traj.end_reason = reason
+        self.done = True
+
+    def record_output(self, gen: Generation, text: str) -> None:
+        """Append the engine's output as an assistant segment (and its log-probs and text)."""
+        traj = self.traj
+        traj.segments.append(("assistant", list(gen.token_ids)))
+        if traj.engine_logprobs is not None:
+            traj.engine_logprobs = None if gen.logprobs is None else traj.engine_logprobs + list(gen.logprobs)
+        traj.messages.append({"role": "assistant", "content": text})
+
+    def record_turn(self, choice: str, reward: float, is_answer: bool) -> None:
+        self.traj.turn_choices.append(choice)
+        self.traj.turn_rewards.append(reward)
+        self.traj.turn_is_answer.append(is_answer)
+
+
+def _end_reason(result: StepResult) -> EndReason | None:
+    """Why the gym ended the episode on this step, or None if it goes on."""
+    if result.terminated:
+        if result.info.get("success"):
+            return "correct"
+        if result.info.get("choice") == "finish":
+            return "finish"
+        if result.info.get("choice") == "invalid":
+            return "no_tool_call"
+        return "terminated"
+    return "max_turns" if result.truncated else None
+
+
+def _fit_to_context(gen: Generation, room: int) -> tuple[Generation, bool]:
+    """``gen`` cut to ``room`` tokens, and whether the context cut it (then the episode ends there)."""
+    n = len(gen.token_ids)
+    if n < room or (n == room and gen.finish_reason == "stop"):
+        return gen, False
+    lps = None if gen.logprobs is None else gen.logprobs[:room]
+    return Generation(gen.token_ids[:room], lps, "length"), True
+
+
+def _check_args(tasks: Sequence[Any], group_size: int, max_turns: int, env_workers: int, seeds: Sequence[int] | None):
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    if env_workers < 1:
+        raise ValueError(f"env_workers must be >= 1, got {env_workers}")
+    if seeds is not None and len(seeds) != len(tasks):
+        raise ValueError(f"seeds must hold one seed per task ({len(tasks)}), got {len(seeds)}")
+
+
+def run_episodes(
+    engine: GenerationEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    gym_factory: Callable[[], Gym],
+    tasks: Sequence[Any],
+    *,
+    group_size: int = 1,
+    params: GenerationParams,
+    max_turns: int,
+    max_model_len: int | None = None,
+    seeds: Sequence[int] | None = None,
+    env_workers: int = 8,
+) -> list[Trajectory]:
+    """Play ``group_size`` episodes of every task; returns ``len(tasks) * group_size`` trajectories,
+    task-major. ``max_model_len`` defaults to (and may not exceed) ``engine.max_model_len``; a task's
+    opening prompt longer than ``max_model_len - 1`` raises ValueError."""
+    _check_args(tasks, group_size, max_turns, env_workers, seeds)
+    limit = engine.max_model_len if max_model_len is None else max_model_len
+    if limit > engine.max_model_len:
+        raise ValueError(f"max_model_len {limit} exceeds the engine's max_model_len {engine.max_model_len}")
+    fmt = ChatFormat.from_tokenizer(tokenizer)
+    episodes: list[_Episode] = []
+    for i, task in enumerate(tasks):
+        seed = None if seeds is None else int(seeds[i])
+        for _ in range(group_size):
+            gym = gym_factory()
+            messages = gym.reset(task, seed)
+            prompt = fmt.prompt_ids(messages)
+            if len(prompt) > limit - 1:
+                raise ValueError(f"task {i}: opening prompt has {len(prompt)} tokens, max_model_len is {limit}")
+            traj = Trajectory(str(getattr(task, "id", i)), i, seed, [("user", prompt)], messages=list(messages))
+            episodes.append(_Episode(gym, traj, prompt))
+
+    with ThreadPoolExecutor(max_workers=env_workers) as pool:
+        for turn in range(max_turns):
+            live = [ep for ep in episodes if not ep.done]
+            if not live:
+                break
+            turn_params = params if params.seed is None else replace(params, seed=params.seed + turn * len(episodes))
+            gens = engine.generate([ep.prompt for ep in live], turn_params)
+            stepping: list[tuple[_Episode, Generation, str]] = []
+            for ep, raw in zip(live, gens):
+                gen, cut = _fit_to_context(raw, limit - len(ep.prompt))
+                text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+                ep.record_output(gen, text)
+                if cut:  # the gym never sees a turn the context cut off
+                    ep.record_turn("invalid", 0.0, False)
+                    ep.finish("context_limit")
+                else:
+                    stepping.append((ep, gen, text))
+            results = list(pool.map(lambda item: item[0].gym.step(item[2]), stepping))
+            for (ep, gen, _), result in zip(stepping, results):
+                ep.record_turn(
+                    str(result.info.get("choice", "invalid")),
+                    float(result.reward),
+                    bool(result.info.get("user_involved", False)),
+                )
+                ep.traj.success = bool(result.info.get("success", False))
+                ep.traj.messages.append({"role": "user", "content": result.feedback})
+                reason = _end_reason(result)
+                if reason is None and turn == max_turns - 1:
+                    reason = "max_turns"
+                if reason is None:
+                    ended_with_eos = bool(gen.token_ids) and gen.token_ids[-1] == tokenizer.eos_token_id
+                    feedback = fmt.feedback_ids(result.feedback, ended_with_eos)
+                    if len(ep.prompt) + len(gen.token_ids) + len(feedback) > limit - 1:
+                        reason = "context_limit"
+                    else:
+                        ep.traj.segments.append(("user", feedback))
+                        ep.prompt = ep.prompt + list(gen.token_ids) + feedback
+                if reason is not None:
+                    ep.finish(reason)
+    return [ep.traj for ep in episodes]

@@ -1,0 +1,185 @@
+"""vLLM rollout engine colocated with training (one engine per ``torchrun`` rank).
+
+::
+
+    engine = VLLMEngine.from_config(model_path, cfg.rollout, seed=cfg.seed)  # every rank, same args
+    engine.wake_up(tags=["weights"])   # GPU: weights back first, KV cache after the sync (lower peak)
+    engine.sync_weights_from(policy)   # FSDP2 policy: all ranks gather full tensors, push, reset caches
+    engine.wake_up(tags=["kv_cache"])
+    gens = engine.generate(prompts, GenerationParams(...))
+    engine.sleep()                     # before the backward passes
+
+* In a ``torchrun``-launched process (``RANK``/``LOCAL_RANK`` set) the engine uses vLLM's
+  ``external_launcher`` executor: it lives in this process and joins the ranks ``torchrun`` started
+  (``tensor_parallel_size`` consecutive ranks share one model replica and must submit the same prompts
+  and params to ``generate``; with 1, every rank plays its own episodes). Otherwise it runs single-process
+  (``uni``). Either way the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is
+  what lets ``load_weights`` hand vLLM a lazy iterator instead of serialising tensors.
+* Memory: on a GPU the KV cache gets ``cfg.gpu_memory_utilization`` of the device and sleep mode is
+  enabled (``cfg.sleep_level`` 1 offloads weights to host memory, 2 discards them: after a level-2
+  ``wake_up`` the weights must be pushed with ``load_weights``/``sync_weights_from`` before ``generate``,
+  which raises otherwise). On the CPU the KV cache is ``cfg.cpu_kv_cache_gib`` GiB (vLLM lets the
+  legacy ``VLLM_CPU_KVCACHE_SPACE`` variable override it), ``sleep`` and ``wake_up`` are no-ops, and the
+  model always runs eagerly.
+* Weight sync pushes every tensor in **one** ``reload_weights`` call fed by a bucketed generator
+  (``bao_fast.rollout.weight_sync``): vLLM reloads layer by layer and fuses q/k/v and gate/up, so a layer
+  split across two reload calls would be re-initialised half-empty. The prefix cache is reset after.
+* Log-probs are vLLM's ``processed_logprobs`` (after temperature / top-p), i.e. the sampling
+  distribution, matching ``bao_fast.ops.token_logprobs(..., temperature=T)`` of the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bao_fast.config import RolloutConfig
+from bao_fast.rollout.engine import Generation, GenerationParams, validate_prompts
+from bao_fast.rollout.weight_sync import iter_full_weights
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VLLMEngine:
+    """``GenerationEngine`` over an in-process ``vllm.LLM``; build it with ``from_config``."""
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        max_model_len: int,
+        dtype: torch.dtype,
+        sleep_level: int = 1,
+        on_gpu: bool = False,
+        bucket_mb: float = 512,
+    ):
+        self.llm = llm
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.sleep_level = sleep_level
+        self.on_gpu = on_gpu
+        self.bucket_mb = bucket_mb
+        self._asleep = False
+        self._weights_stale = False
+
+    @classmethod
+    def from_config(
+        cls, model_path: str | Path, cfg: RolloutConfig, seed: int = 0, *, dtype: str | None = None
+    ) -> VLLMEngine:
+        """Create the engine for the HF checkpoint at ``model_path``.
+
+        ``dtype`` (float32 | bfloat16 | float16) defaults to bfloat16 on a GPU and float32 on the CPU.
+        All ranks of a ``torchrun`` job must call this with the same arguments.
+        """
+        if not Path(model_path).is_dir():
+            raise ValueError(f"model_path {str(model_path)!r} is not a checkpoint directory")
+        if cfg.sleep_level not in (1, 2):
+            raise ValueError(f"rollout.sleep_level must be 1 or 2, got {cfg.sleep_level}")
+        on_gpu = torch.cuda.is_available()
+        dtype = dtype or ("bfloat16" if on_gpu else "float32")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        launched = "RANK" in os.environ and "LOCAL_RANK" in os.environ  # torchrun (or compatible) launch
+        kwargs: dict[str, Any] = {
+            "model": str(model_path),
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": cfg.max_model_len,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "distributed_executor_backend": "external_launcher" if launched else "uni",
+            "logprobs_mode": "processed_logprobs",
+            "enable_prefix_caching": True,
+        }
+        if on_gpu:
+            kwargs.update(
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                enable_sleep_mode=True,
+                enforce_eager=cfg.enforce_eager,
+            )
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(cfg.cpu_kv_cache_gib * 2**30), enforce_eager=True)
+        llm = LLM(**kwargs)
+        return cls(
+            llm,
+            max_model_len=cfg.max_model_len,
+            dtype=_DTYPES[dtype],
+            sleep_level=cfg.sleep_level,
+            on_gpu=on_gpu,
+            bucket_mb=cfg.weight_sync_bucket_mb,
+        )
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
+        """One continuation per prompt (see ``bao_fast.rollout.engine`` for the contract)."""
+        from vllm import SamplingParams
+
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first")
+        if self._weights_stale:
+            raise RuntimeError("weights were discarded by a level-2 sleep; push them with sync_weights_from() first")
+        validate_prompts(prompts, self.max_model_len)
+        sampling = [
+            SamplingParams(
+                max_tokens=min(params.max_tokens, self.max_model_len - len(prompt)),
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=None if params.seed is None else params.seed + i,
+                stop_token_ids=list(params.stop_token_ids),
+                logprobs=0 if params.return_logprobs else None,
+                detokenize=False,
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            token_ids = list(completion.token_ids)
+            logprobs = None
+            if params.return_logprobs:
+                logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, token_ids)]
+            finish = "stop" if completion.finish_reason == "stop" else "length"
+            results.append(Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=finish))
+        return results
+
+    def sleep(self) -> None:
+        """Free GPU memory (level ``sleep_level``); a no-op on the CPU."""
+        if self.on_gpu and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore GPU memory: ``tags`` None (all), ``["weights"]`` or ``["kv_cache"]``; no-op on the CPU."""
+        if not (self.on_gpu and self._asleep):
+            return
+        awake = self.llm.wake_up(tags)
+        if tags is None or "weights" in tags:
+            self._weights_stale = self.sleep_level == 2
+        self._asleep = not awake
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy HF-named full tensors into the engine in one ``reload_weights`` call; reset the prefix cache.
+
+        ``named_tensors`` may be lazy; it is consumed exactly once, in order.
+        """
+        weights: Iterator[tuple[str, Tensor]] = iter(named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self._weights_stale = False
+
+    def shutdown(self) -> None:
+        """Free the engine. vLLM's teardown also destroys the default ``torch.distributed`` process group,
+        so under ``torchrun`` call this last, in place of ``destroy_process_group``."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def sync_weights_from(self, model: nn.Module) -> None:
+        """Push ``model``'s weights (plain or FSDP2-sharded; every rank must call this) into the engine,
+        gathered in buckets of ``bucket_mb`` MiB and cast to the engine dtype."""
+        self.load_weights(iter_full_weights(model, self.dtype, self.bucket_mb))

@@ -1,0 +1,182 @@
+"""Benchmark the multi-turn rollout layer: episodes/s and tokens/s of ``run_episodes`` per engine.
+
+Workload: ``--tasks`` prompts × ``--group-size`` episodes, each ``--max-turns`` turns of at most
+``--max-tokens`` sampled tokens (a random-weight model almost never samples eos, so turns are full length)
+with a short fixed environment reply between turns (``ReplyGym`` never ends an episode early, so the shape
+does not depend on what the model writes). Configurations, in the same run and on the same workload:
+
+* ``vllm`` / ``hf``: ``run_episodes`` on ``VLLMEngine`` / ``HFEngine`` (all live episodes in one
+  ``generate`` call per turn);
+* ``vllm-sequential`` / ``hf-sequential``: the same episodes played one at a time (how a naive agent loop
+  drives an engine), the baseline that batching across episodes is measured against. They are slow by
+  design and timed ``--baseline-repeats`` times (default 3), the batched runs ``--repeats`` times (20).
+
+Reports the median wall time of a rollout, episodes/s, generated tokens/s (assistant tokens) and total
+tokens/s (prompt + feedback + generated, the tokens a trainer then packs). Models: ``tiny`` (the test
+model, fp32 on the CPU) or ``qwen`` (GPU only: a random-weight Qwen2 with Qwen3-4B's layer shapes,
+hidden 2560, 36 layers, 32/8 heads of 128, MLP 9728, bf16, vocabulary 2048 of the shipped tokenizer).
+Writes ``benchmarks/results/rollout-<device>.json``.
+
+    python benchmarks/bench_rollout.py                           # tiny model, CPU-sized workload
+    python benchmarks/bench_rollout.py --model qwen --tasks 64 --group-size 8 --max-tokens 512   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, timeit_median, write_results
+
+from bao_fast.config import RolloutConfig
+from bao_fast.envs.base import Gym, StepResult
+from bao_fast.models import TinyModelSpec, create_tiny_model, load_tokenizer
+from bao_fast.rollout import GenerationParams, HFEngine, Trajectory, run_episodes
+
+QWEN3_4B_SHAPE = TinyModelSpec(
+    hidden_size=2560,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=9728,
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+)
+
+
+class ReplyGym(Gym):
+    """Answers every turn with the same short observation and runs to its turn budget."""
+
+    name = "reply"
+
+    def _reset(self, task: Any) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": "You probe a hidden function f(a, b, c, d) and then answer f(test)."},
+            {"role": "user", "content": f"Task {task}: the hidden function is fixed. Start when ready."},
+        ]
+
+    def _act(self, call: Any) -> Any:  # never reached: step is overridden
+        raise NotImplementedError
+
+    def step(self, action_text: str) -> StepResult:
+        self._turn += 1
+        self._done = self._turn >= self.max_turns
+        info = {"choice": "action", "user_involved": False, "success": False, "turn": self._turn}
+        return StepResult("f(1, 2, 3, 4) = 10\nReward: 0.0", 0.0, False, self._done, info)
+
+
+def make_engine(name: str, model_dir: Path, cfg: RolloutConfig, device: torch.device) -> Any:
+    if name == "hf":
+        return HFEngine.from_config(model_dir, cfg, device=device, max_batch_size=256)
+    from bao_fast.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine.from_config(model_dir, cfg, seed=0)
+
+
+def rollout(engine: Any, tokenizer: Any, args: argparse.Namespace, sequential: bool) -> list[Trajectory]:
+    params = GenerationParams(max_tokens=args.max_tokens, temperature=1.0, seed=0)
+    gym = lambda: ReplyGym(max_turns=args.max_turns)  # noqa: E731
+    tasks = list(range(args.tasks))
+    if not sequential:
+        return run_episodes(
+            engine, tokenizer, gym, tasks, group_size=args.group_size, params=params, max_turns=args.max_turns
+        )
+    return [
+        traj
+        for task in tasks
+        for _ in range(args.group_size)
+        for traj in run_episodes(engine, tokenizer, gym, [task], params=params, max_turns=args.max_turns)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "qwen"], default="tiny")
+    parser.add_argument(
+        "--engines",
+        default="hf,vllm",
+        help="comma-separated, run in order (vLLM lowers torch's "
+        "thread count for the rest of the process, so hf goes first)",
+    )
+    parser.add_argument("--tasks", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-turns", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--baseline-repeats", type=int, default=3, help="repeats of the sequential baselines")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-sequential", action="store_true", help="skip the one-episode-at-a-time baselines")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model == "qwen" and device.type != "cuda":
+        parser.error("--model qwen needs a GPU")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    spec, dtype = (QWEN3_4B_SHAPE, torch.bfloat16) if args.model == "qwen" else (TinyModelSpec(), torch.float32)
+    model_dir = create_tiny_model(Path(tempfile.gettempdir()) / f"bao-fast-bench-{args.model}", spec, dtype=dtype)
+    tokenizer = load_tokenizer()
+    max_model_len = 256 + args.max_turns * (args.max_tokens + 64)
+    cfg = RolloutConfig(max_model_len=max_model_len, gpu_memory_utilization=0.6, enforce_eager=device.type != "cuda")
+
+    rows: list[dict[str, Any]] = []
+    for name in args.engines.split(","):
+        t0 = time.perf_counter()
+        engine = make_engine(name, model_dir, cfg, device)
+        init_s = time.perf_counter() - t0
+        for sequential in [False] if args.no_sequential else [False, True]:
+            trajs = rollout(engine, tokenizer, args, sequential)
+            stats = timeit_median(
+                lambda e=engine, s=sequential: rollout(e, tokenizer, args, s),
+                warmup=args.warmup,
+                repeats=args.baseline_repeats if sequential else args.repeats,
+                device=device,
+            )
+            seconds = stats["median_ms"] / 1e3
+            generated = sum(len(t.assistant_token_ids) for t in trajs)
+            rows.append(
+                {
+                    "engine": name + ("-sequential" if sequential else ""),
+                    "episodes": len(trajs),
+                    "turns": sum(t.num_turns for t in trajs),
+                    "median_s": seconds,
+                    "episodes_per_s": len(trajs) / seconds,
+                    "gen_tokens_per_s": generated / seconds,
+                    "total_tokens_per_s": sum(t.num_tokens for t in trajs) / seconds,
+                    "engine_init_s": init_s,
+                    "repeats": stats["repeats"],
+                }
+            )
+        if name == "vllm":
+            engine.shutdown()
+        del engine
+    medians = {row["engine"]: row["median_s"] for row in rows}
+    for row in rows:
+        baseline = medians.get(row["engine"].removesuffix("-sequential") + "-sequential")
+        row["speedup_vs_sequential"] = baseline / row["median_s"] if baseline else None
+    print_table(rows, title=f"rollout ({args.model} model, {device.type})")
+    payload = {
+        "model": args.model,
+        "model_spec": dataclasses.asdict(spec),
+        "dtype": str(dtype),
+        "workload": {k: getattr(args, k) for k in ("tasks", "group_size", "max_turns", "max_tokens")},
+        "max_model_len": max_model_len,
+        "rows": rows,
+    }
+    print("wrote", write_results("rollout", payload, device))
+
+
+if __name__ == "__main__":
+    main()

