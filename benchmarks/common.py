@@ -2,7 +2,8 @@
 
 API:
 
-* ``device_info(device) -> dict``: device name, CPU/GPU model, thread count, torch/triton/CUDA versions.
+* ``device_info(device) -> dict``: device name, CPU/GPU model, thread count, torch/triton/CUDA versions,
+  1-minute load average (CPU timings are only as good as the machine was idle).
 * ``timeit_median(fn, warmup=3, repeats=20, device=None) -> dict``: runs ``fn()`` ``warmup`` times, then
   times ``repeats`` calls; CUDA events on a CUDA device, ``time.perf_counter`` otherwise. Returns
   ``{"median_ms", "min_ms", "max_ms", "repeats"}``.
@@ -61,6 +62,8 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        # Other processes skew CPU timings; the 1-minute load average at write time says how much.
+        "load_average_1m": os.getloadavg()[0],
     }
     try:
         import triton
