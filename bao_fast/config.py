@@ -8,6 +8,7 @@ shaping preset of ``bao_fast.algo.shaping.preset``; explicit ``algo.shaping.*`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -41,14 +42,15 @@ class ModelConfig:
 
 @dataclass
 class EnvConfig:
-    """Gym and its task sets (``bao_fast.envs.make_tasks``)."""
+    """Gym and its task sets (``bao_fast.envs.make_tasks``). ``tasks_path``: a dataset file or directory
+    (gym-specific; empty = generated tasks). LLM-user gyms reach their user simulator at ``user_base_url``
+    (OpenAI-compatible, model ``user_model``, key from ``$OPENAI_API_KEY`` when set)."""
 
     name: str = "function"
     level: int = 1
     num_train_tasks: int = 460
     num_eval_tasks: int = 78
     tasks_path: str = ""
-    split_path: str = ""
     max_turns: int = 15
     seed: int = 0
     user_base_url: str = ""
@@ -206,6 +208,9 @@ def _check_scalar(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -283,7 +288,78 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         base.algo = AlgoConfig(name=name, shaping=preset(name, horizon=horizon), loss=base.algo.loss)
     else:
         base.algo = AlgoConfig(shaping=preset("bao", horizon=horizon))
-    return _build(Config, data, "", base)
+    return validate(_build(Config, data, "", base))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def _validate_optim(cfg: OptimConfig, prefix: str) -> None:
+    _require(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr}")
+    _require(cfg.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    _require(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"{prefix}.beta1/beta2", "must be in [0, 1)")
+    _require(cfg.eps > 0, f"{prefix}.eps", f"must be > 0, got {cfg.eps}")
+    _require(cfg.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0 = no clipping), got {cfg.grad_clip}")
+    _require(cfg.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    _require(0 <= cfg.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; raises ConfigError naming the offending key. Returns ``cfg``."""
+    m, e, r, t = cfg.model, cfg.env, cfg.rollout, cfg.train
+    _require(m.tiny or bool(m.path), "model.path", "must name a local HF checkpoint directory (or set model.tiny)")
+    _require(bool(cfg.run_dir), "run_dir", "must not be empty")
+    _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
+    _require(e.num_train_tasks >= 1, "env.num_train_tasks", f"must be >= 1, got {e.num_train_tasks}")
+    _require(e.num_eval_tasks >= 1, "env.num_eval_tasks", f"must be >= 1, got {e.num_eval_tasks}")
+    _require(
+        cfg.algo.shaping.horizon == e.max_turns,
+        "algo.shaping.horizon",
+        f"({cfg.algo.shaping.horizon}) must equal env.max_turns ({e.max_turns}), the turn budget T of BAO.md",
+    )
+    _require(r.group_size >= 1, "rollout.group_size", f"must be >= 1, got {r.group_size}")
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(r.max_turn_tokens >= 1, "rollout.max_turn_tokens", f"must be >= 1, got {r.max_turn_tokens}")
+    _require(
+        r.max_model_len > r.max_turn_tokens,
+        "rollout.max_model_len",
+        f"({r.max_model_len}) must exceed rollout.max_turn_tokens ({r.max_turn_tokens})",
+    )
+    _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    _require(r.env_workers >= 1, "rollout.env_workers", f"must be >= 1, got {r.env_workers}")
+    _require(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1")
+    _require(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _require(t.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {t.ppo_epochs}")
+    _require(t.mini_batch_size >= 1, "train.mini_batch_size", f"must be >= 1, got {t.mini_batch_size}")
+    _require(
+        r.prompts_per_step % t.mini_batch_size == 0,
+        "train.mini_batch_size",
+        f"({t.mini_batch_size} prompts) must divide rollout.prompts_per_step ({r.prompts_per_step})",
+    )
+    _require(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", f"must be >= 1, got {t.micro_batch_tokens}")
+    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {t.eval_every}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
+    _validate_optim(cfg.optim, "optim")
+    s = cfg.sft
+    _validate_optim(s.optim, "sft.optim")
+    _require(s.num_trajectories >= 1, "sft.num_trajectories", f"must be >= 1, got {s.num_trajectories}")
+    _require(s.epochs >= 1, "sft.epochs", f"must be >= 1, got {s.epochs}")
+    _require(s.batch_trajectories >= 1, "sft.batch_trajectories", f"must be >= 1, got {s.batch_trajectories}")
+    _require(s.micro_batch_tokens >= 1, "sft.micro_batch_tokens", f"must be >= 1, got {s.micro_batch_tokens}")
+    _require(0 <= s.eval_fraction < 1, "sft.eval_fraction", f"must be in [0, 1), got {s.eval_fraction}")
+    c = cfg.checkpoint
+    _require(c.save_every >= 0, "checkpoint.save_every", f"must be >= 0 (0 = only at the end), got {c.save_every}")
+    _require(c.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0 (0 = keep all), got {c.keep_last}")
+    v = cfg.eval
+    _require(v.num_tasks >= 1, "eval.num_tasks", f"must be >= 1, got {v.num_tasks}")
+    _require(v.num_seeds >= 1, "eval.num_seeds", f"must be >= 1, got {v.num_seeds}")
+    _require(v.max_k >= 1, "eval.max_k", f"must be >= 1, got {v.max_k}")
+    _require(v.greedy or v.temperature > 0, "eval.temperature", "must be > 0 when eval.greedy is false")
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

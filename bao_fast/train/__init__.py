@@ -1,1 +1,12 @@
-"""Trainers: behaviour-enhanced SFT, BAO multi-turn GRPO, FSDP2 wrapping, checkpoints."""
+"""Trainers: behaviour-enhanced SFT, BAO multi-turn GRPO, FSDP2 wrapping, checkpoints.
+
+- ``sft.py``: teacher episodes -> packed assistant-only NLL -> ``<run_dir>/sft-model`` (``bao-fast sft``).
+- ``rl.py``: the BAO loop, one function per algorithm step (``bao-fast train``, SFT first when enabled).
+- ``demo.py``: the embedded default run and its SFT-vs-RL report (``bao-fast demo``).
+- ``fsdp.py``: process group, device mesh, the FSDP2-sharded :class:`~bao_fast.train.fsdp.Policy`.
+- ``checkpoint.py``: atomic DCP checkpoints for exact resume; HF export.
+- ``optim.py``, ``logging.py``, ``runtime.py``: AdamW + schedules; JSONL / progress / TensorBoard / wandb
+  and the non-finite guard; seeding, the resumable task sampler, rank lock-step helpers.
+
+Modules are imported directly (``from bao_fast.train.rl import train``); importing this package is cheap.
+"""

@@ -1,0 +1,153 @@
+"""Distributed setup and the FSDP2-sharded policy.
+
+The trainer always runs inside ``torch.distributed``: under ``torchrun`` the process group comes from the
+environment; a plain process initialises a world of one (gloo on CPU, nccl on GPU). The policy is the HF
+causal LM wrapped in :class:`Policy`, whose ``forward`` returns packed per-token log-probs through the
+backbone-once + fused LM-head helper (never the model's logits path). ``fully_shard`` is applied to every
+decoder layer and to the :class:`Policy` root (embeddings, final norm, LM head), so the root's FSDP hooks
+gather the LM-head weight for the fused op and reduce its gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from bao_fast.config import ModelConfig
+from bao_fast.data.packed import PackedBatch
+from bao_fast.models.forward import packed_token_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the world: global ``rank``, ``world_size``, ``local_rank``, ``device``."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    """Join (or create) the default process group and build a 1-D data-parallel device mesh.
+
+    Reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; without them, a world of one on a free local
+    port. Backend: nccl when CUDA is available, else gloo. Idempotent.
+    """
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group if this process created one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Policy(nn.Module):
+    """The trainable policy: ``forward(batch)`` -> per-target-row log-probs (and entropies).
+
+    ``hf`` is the wrapped ``PreTrainedModel``; its parameter names are the HF checkpoint names.
+    """
+
+    def __init__(self, hf: PreTrainedModel) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(
+        self, batch: PackedBatch, temperature: float = 1.0, return_entropy: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """float32 log-probs of ``batch.targets`` at ``batch.target_rows`` (shape [K]); with
+        ``return_entropy`` also the float32 entropy of each of those rows."""
+        return packed_token_logprobs(self.hf, batch, temperature=temperature, return_entropy=return_entropy)
+
+
+def _apply_liger(model: PreTrainedModel) -> bool:
+    """Patch RMSNorm / RoPE / SwiGLU with liger-kernel (GPU only; the LM head stays ours). True if applied."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    return True
+
+
+def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
+    """Load the HF checkpoint at ``path`` in float32 (master weights) and shard it over ``env.mesh``.
+
+    GPU: parameters computed in ``cfg.dtype`` with float32 gradient reduction, liger-kernel patches when
+    installed and ``cfg.use_liger``. CPU: float32 throughout. ``cfg.gradient_checkpointing`` recomputes
+    each decoder layer's activations in the backward pass.
+    """
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation=cfg.attn_implementation
+    )
+    hf.config.use_cache = False
+    on_gpu = env.device.type == "cuda"
+    if on_gpu and cfg.use_liger:
+        _apply_liger(hf)
+    if cfg.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(hf)
+    return shard_policy(policy, env, compute_dtype=DTYPES[cfg.dtype] if on_gpu else torch.float32)
+
+
+def decoder_layers(hf: PreTrainedModel) -> nn.ModuleList:
+    """The decoder-layer list of a HF causal LM (``model.layers`` in Qwen/Llama-style models)."""
+    backbone = getattr(hf, hf.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(hf).__name__}: cannot find the decoder layers at '{hf.base_model_prefix}.layers'")
+    return layers
+
+
+def shard_policy(policy: Policy, env: DistEnv, compute_dtype: torch.dtype = torch.float32) -> Policy:
+    """``fully_shard`` each decoder layer, then the root, over ``env.mesh`` (in place; returns ``policy``).
+
+    Layers reshard after forward (ZeRO-3 memory); the root keeps embeddings / LM head gathered between
+    forward and backward. Gradients are reduced in float32 and SUMMED over ranks (divide factor 1): the
+    trainers normalise each rank's loss by the global token / sequence count instead. ``fully_shard``
+    moves each shard to the mesh's device, so the full model never sits on one accelerator.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(policy.hf):
+        fully_shard(layer, mesh=env.mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(policy, mesh=env.mesh, mp_policy=mp, reshard_after_forward=False)
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return policy

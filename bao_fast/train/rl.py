@@ -1,0 +1,521 @@
+"""``bao-fast train``: BAO — behaviour-regularised multi-turn GRPO (BAO.md stage 2), SFT first when enabled.
+
+One RL step, as :func:`rl_step` reads top to bottom:
+
+1. sample ``rollout.prompts_per_step`` training tasks (resumable cursor); each rank takes its share;
+2. push the policy's weights into the colocated engine and roll out ``group_size`` episodes per task;
+3. pack all trajectories into one padding-free batch;
+4. old log-probs: recompute with the policy (default) or take the engine's; reference log-probs for KL;
+5. shaped advantages: BAO penalties, turn credits, trajectory scores, group normalisation, per token;
+6. for each PPO epoch and mini-batch of prompts: clipped-ratio loss over token-budget micro-batches
+   (gradients accumulated, normalised by the global token / sequence count), clip, optimiser step —
+   skipped when the loss or gradient norm is not finite;
+7. log metrics; evaluate greedily every ``train.eval_every`` steps; checkpoint every
+   ``checkpoint.save_every`` steps (DCP, atomic) for exact resume.
+
+``algo.name`` picks the shaping: ``bao`` (r2g credits + sum score + both penalties), ``userrl``
+(equalized + mean), ``grpo`` (outcome reward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
+
+from bao_fast.config import Config, config_to_dict, load_config, save_config
+from bao_fast.data.packed import PackedBatch
+from bao_fast.data.segments import pack_segments
+from bao_fast.envs import Gym, make_gym, make_tasks
+from bao_fast.envs.user_client import UserSimulatorClient
+from bao_fast.eval.metrics import summarize
+from bao_fast.models import load_tokenizer
+from bao_fast.ops import clipped_ratio_loss, shaped_advantages
+from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, Trajectory, run_episodes
+from bao_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from bao_fast.train.fsdp import DistEnv, Policy, init_distributed, load_policy, shutdown_distributed
+from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
+from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from bao_fast.train.runtime import (
+    TaskSampler,
+    derive_seed,
+    gather_objects,
+    initial_model,
+    lockstep,
+    rank_share,
+    seed_everything,
+    sum_over_ranks,
+)
+from bao_fast.train.sft import train_sft
+
+FINAL_MODEL_DIR = "final-model"
+
+
+@dataclass
+class RLState:
+    """Everything besides model/optimiser that exact resume needs (saved per rank in the checkpoint)."""
+
+    step: int
+    sampler: TaskSampler
+    guard: NonFiniteGuard
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RLSetup:
+    """The objects one RL run holds."""
+
+    cfg: Config
+    env: DistEnv
+    tokenizer: PreTrainedTokenizerBase
+    policy: Policy
+    ref_policy: Policy | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: GenerationEngine
+    gym_factory: Callable[[], Gym]
+    train_tasks: list[Any]
+    eval_tasks: list[Any]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The RL step
+# ----------------------------------------------------------------------------------------------------
+
+
+def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
+    """One BAO step (module docstring, steps 1-6); returns this step's metrics (identical on all ranks)."""
+    cfg, env, r = s.cfg, s.env, s.cfg.rollout
+    step_seed = derive_seed(cfg.seed, 5, state.step, env.rank)
+    seed_everything(step_seed)
+    times: dict[str, float] = {}
+
+    # 1. prompts: every rank draws the same global list, then keeps its share
+    task_ids = rank_share(state.sampler.next(r.prompts_per_step), env)
+
+    # 2. rollouts on the current weights
+    t0 = time.perf_counter()
+    sync_engine(s)
+    times["sync"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trajectories = rollout(s, [s.train_tasks[i] for i in task_ids], task_ids, step_seed, r.group_size, greedy=False)
+    s.engine.sleep()
+    times["generate"] = time.perf_counter() - t0
+
+    # 3. pack
+    batch = pack_segments([t.segments for t in trajectories], env.device)
+
+    # 4. old (and reference) log-probs, row-aligned: row t scores token t+1
+    t0 = time.perf_counter()
+    if r.old_logprobs == "engine":
+        old_logp = engine_row_logprobs(trajectories, batch)
+    else:
+        old_logp = forward_logprobs(s.policy, batch, r.temperature, cfg.train.micro_batch_tokens)
+    ref_logp = None
+    if s.ref_policy is not None:
+        ref_logp = forward_logprobs(s.ref_policy, batch, r.temperature, cfg.train.micro_batch_tokens)
+    times["logprob"] = time.perf_counter() - t0
+
+    # 5. BAO shaped advantages (penalties -> turn credits -> scores -> group normalisation -> tokens)
+    shaped = shaped_advantages(
+        torch.tensor([x for t in trajectories for x in t.turn_rewards], dtype=torch.float32, device=env.device),
+        torch.tensor([x for t in trajectories for x in t.turn_is_answer], dtype=torch.bool, device=env.device),
+        batch.turn_offsets,
+        torch.tensor([t.group_id for t in trajectories], dtype=torch.int64, device=env.device),
+        batch.target_turn_ids,
+        cfg.algo.shaping,
+    )
+
+    # 6. PPO epochs over mini-batches of prompts, micro-batched by token budget
+    t0 = time.perf_counter()
+    update = policy_update(s, state, batch, old_logp, shaped.token_advantages, ref_logp)
+    times["update"] = time.perf_counter() - t0
+
+    metrics = rollout_metrics(trajectories, batch, env)
+    metrics.update(update)
+    metrics["advantage_abs_mean"] = _global_mean(shaped.token_advantages.abs(), batch.target_mask)
+    metrics["score_shaped_mean"] = sum_over_ranks([float(shaped.scores.sum())])[0] / (
+        r.prompts_per_step * r.group_size
+    )
+    total_time = sum(times.values())
+    metrics.update({f"time/{k}": v for k, v in times.items()})
+    metrics["time/step"] = total_time
+    metrics["tokens_per_s"] = metrics["tokens_total"] / max(total_time, 1e-9)
+    metrics["peak_memory_gb"] = peak_memory_gb(env)
+    return metrics
+
+
+def sync_engine(s: RLSetup) -> None:
+    """Wake the engine and load the policy's current weights (all ranks gather the shards)."""
+    if isinstance(s.engine, HFEngine):
+        s.engine.wake_up()
+        s.engine.sync_weights_from(s.policy.hf)
+        return
+    s.engine.wake_up(tags=["weights"])  # vLLM: weights first, the KV cache after the sync (lower peak)
+    s.engine.sync_weights_from(s.policy.hf)
+    s.engine.wake_up(tags=["kv_cache"])
+
+
+def rollout(
+    s: RLSetup, tasks: list[Any], task_ids: list[int], seed: int, group_size: int, *, greedy: bool,
+    gym_seed_base: int = 6,
+) -> list[Trajectory]:
+    """``group_size`` episodes of every task (sampled at ``rollout.temperature``, or greedy)."""
+    cfg = s.cfg
+    params = GenerationParams(
+        max_tokens=cfg.rollout.max_turn_tokens,
+        temperature=0.0 if greedy else cfg.rollout.temperature,
+        top_p=1.0 if greedy else cfg.rollout.top_p,
+        seed=seed,
+        stop_token_ids=(s.tokenizer.eos_token_id,),
+        return_logprobs=True,
+    )
+    return run_episodes(
+        s.engine, s.tokenizer, s.gym_factory, tasks,
+        group_size=group_size, params=params, max_turns=cfg.env.max_turns, max_model_len=cfg.rollout.max_model_len,
+        seeds=[derive_seed(cfg.seed, gym_seed_base, i) for i in task_ids], env_workers=cfg.rollout.env_workers,
+    )
+
+
+def forward_logprobs(policy: Policy, batch: PackedBatch, temperature: float, max_tokens: int) -> torch.Tensor:
+    """float32[T] row-aligned log-probs of the batch's targets without gradients (0 on untrained rows)."""
+    out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.device)
+    offsets = batch.host_offsets().tokens.tolist()
+    with torch.no_grad():
+        for (a, b), weight in lockstep(batch.micro_batch_bounds(max_tokens)):
+            logp = policy(batch.select(a, b), temperature=temperature)
+            if weight:
+                out[offsets[a] : offsets[b]] = logp
+    return out
+
+
+def engine_row_logprobs(trajectories: list[Trajectory], batch: PackedBatch) -> torch.Tensor:
+    """The engine's sampling log-probs moved onto LM-head rows: token t's log-prob belongs to row t-1."""
+    flat = [x for t in trajectories for x in (t.engine_logprobs or [])]
+    mask = batch.loss_mask
+    if len(flat) != int(mask.sum()):
+        raise ValueError("rollout.old_logprobs=engine needs engine log-probs for every assistant token")
+    per_token = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.device)
+    per_token[mask] = torch.tensor(flat, dtype=torch.float32, device=batch.device)
+    return torch.roll(per_token, -1) * batch.target_mask
+
+
+def policy_update(
+    s: RLSetup,
+    state: RLState,
+    batch: PackedBatch,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+) -> dict[str, float]:
+    """PPO epochs × mini-batches of prompts (one optimiser step each); returns the loss statistics
+    averaged over trained tokens (or sequences), the mean grad norm, the lr and the skipped updates."""
+    cfg, group = s.cfg, s.cfg.rollout.group_size
+    num_minibatches = cfg.rollout.prompts_per_step // cfg.train.mini_batch_size
+    local_prompts = batch.num_sequences // group
+    # the same number of mini-batches, each of whole groups, on every rank
+    cuts = [i * local_prompts // num_minibatches * group for i in range(num_minibatches + 1)]
+    with_entropy = cfg.train.entropy_every > 0 and state.step % cfg.train.entropy_every == 0
+    totals: dict[str, float] = {}
+    grad_norms, skipped, lr = [], 0, s.scheduler.get_last_lr()[0]
+    for _ in range(cfg.train.ppo_epochs):
+        for start, stop in itertools.pairwise(cuts):
+            stats = accumulate_gradients(s, batch, start, stop, old_logp, advantages, ref_logp, with_entropy)
+            grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
+            if state.guard.check(state.step, loss=stats["loss"], grad_norm=grad_norm):
+                s.optimizer.step()
+            else:
+                skipped += 1
+            s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / (num_minibatches * cfg.train.ppo_epochs)
+    out = {f"actor/{k}": v for k, v in totals.items()}
+    out["actor/grad_norm"] = float(np.mean(grad_norms))
+    out["actor/lr"] = lr  # of the step's first update
+    out["actor/skipped_updates"] = skipped
+    return out
+
+
+def accumulate_gradients(
+    s: RLSetup,
+    batch: PackedBatch,
+    start: int,
+    stop: int,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    with_entropy: bool,
+) -> dict[str, float]:
+    """Backward of the clipped-ratio loss of trajectories ``start:stop`` (this rank's part of one
+    mini-batch) in token-budget micro-batches. Each micro-batch's loss is weighted by its share of the
+    mini-batch's tokens (token-mean) or sequences (seq-mean-*) over ALL ranks, so the summed gradient is
+    that of the global mini-batch loss. Returns the global loss statistics of the mini-batch."""
+    cfg, loss_cfg = s.cfg, s.cfg.algo.loss
+    by_sequence = loss_cfg.agg != "token-mean"
+
+    def units(part: PackedBatch) -> float:
+        return float(part.num_sequences if by_sequence else int(part.target_mask.sum()))
+
+    mini = batch.select(start, stop)
+    global_units = max(sum_over_ranks([units(mini)])[0], 1.0)
+    offsets = batch.host_offsets().tokens.tolist()
+    bounds = [(a + start, b + start) for a, b in mini.micro_batch_bounds(cfg.train.micro_batch_tokens)]
+    sums: dict[str, float] = {}
+    for (a, b), weight in lockstep(bounds):
+        micro = batch.select(a, b)
+        t0, t1 = offsets[a], offsets[b]
+        out = s.policy(micro, temperature=cfg.rollout.temperature, return_entropy=with_entropy)
+        logp, entropy = out if with_entropy else (out, None)
+        loss, stats = clipped_ratio_loss(
+            logp, old_logp[t0:t1], advantages[t0:t1], micro.target_mask, cu_seqlens=micro.cu_seqlens,
+            ref_logp=None if ref_logp is None else ref_logp[t0:t1], clip_low=loss_cfg.clip_low,
+            clip_high=loss_cfg.clip_high, dual_clip=loss_cfg.dual_clip, kl_coef=loss_cfg.kl_coef,
+            kl_type=loss_cfg.kl_type, agg=loss_cfg.agg, norm_length=loss_cfg.norm_length,
+        )
+        if entropy is not None:
+            mean_entropy = (entropy * micro.target_mask).sum() / max(int(micro.target_mask.sum()), 1)
+            stats["entropy"] = mean_entropy.detach()
+            if loss_cfg.entropy_coef:
+                loss = loss - loss_cfg.entropy_coef * mean_entropy
+        share = weight * units(micro) / global_units
+        (loss * share).backward()
+        stats["loss"] = loss.detach()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * share
+    keys = sorted(sums)
+    return dict(zip(keys, sum_over_ranks([sums[k] for k in keys])))
+
+
+def _global_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    total, count = sum_over_ranks([float((values * mask).sum()), float(mask.sum())])
+    return total / max(count, 1.0)
+
+
+def rollout_metrics(trajectories: list[Trajectory], batch: PackedBatch, env: DistEnv) -> dict[str, float]:
+    """Rollout statistics over all ranks: reward, Score (success), UR, turns, lengths, end reasons."""
+    n = len(trajectories)
+    turns = [t.num_turns for t in trajectories]
+    answers = [sum(t.turn_is_answer) for t in trajectories]
+    response = [sum(len(ids) for role, ids in t.segments if role == "assistant") for t in trajectories]
+    local = [
+        float(n),
+        float(sum(t.reward for t in trajectories)),
+        float(sum(t.success for t in trajectories)),
+        float(sum(a / max(k, 1) for a, k in zip(answers, turns))),
+        float(sum(turns)),
+        float(sum(response)),
+        float(batch.num_tokens),
+        float(sum(t.end_reason == "context_limit" for t in trajectories)),
+    ]
+    count, reward, success, ur, num_turns, resp, tokens, ctx = sum_over_ranks(local)
+    return {
+        "reward": reward / count,
+        "score": success / count,
+        "ur": ur / count,
+        "turns": num_turns / count,
+        "response_tokens_per_turn": resp / max(num_turns, 1.0),
+        "tokens_total": tokens,
+        "context_limit_fraction": ctx / count,
+    }
+
+
+def peak_memory_gb(env: DistEnv) -> float:
+    """Peak accelerator memory (GPU) or peak resident host memory (CPU) of this process, in GiB."""
+    if env.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(env.device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(s: RLSetup, step: int) -> dict[str, Any]:
+    """Greedy (or sampled) episodes on the eval tasks × ``eval.num_seeds``; ``summarize`` on all ranks'
+    episodes. Returns the summary with ``step`` (identical on all ranks)."""
+    cfg, env = s.cfg, s.env
+    sync_engine(s)
+    n = len(s.eval_tasks)
+    mine = list(range(cfg.eval.num_seeds * n))[env.rank :: env.world_size]  # episode = seed index * n + task
+    records = []
+    if mine:
+        trajs = rollout(
+            s, [s.eval_tasks[e % n] for e in mine], mine, derive_seed(cfg.seed, 7, env.rank), 1,
+            greedy=cfg.eval.greedy, gym_seed_base=8,
+        )
+        records = [{"choices": t.turn_choices, "rewards": t.turn_rewards, "success": t.success} for t in trajs]
+    s.engine.sleep()
+    episodes = [r for part in gather_objects(records) for r in part]
+    return {"step": step, **summarize(episodes)}
+
+
+def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The scalar eval metrics logged per step (``eval/score``, ``eval/pass_at_u1``, ...)."""
+    out = {"eval/score": summary["score"], "eval/ur": summary["ur"], "eval/turns": summary["turns"]}
+    out.update({f"eval/pass_at_u{k}": v for k, v in summary["pass_at_u"].items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup, checkpoints, the loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_engine(cfg: Config, model_path: Path, env: DistEnv) -> GenerationEngine:
+    """The colocated rollout engine (vLLM, or transformers ``generate``) on ``model_path``."""
+    if cfg.rollout.engine == "vllm":
+        from bao_fast.rollout.vllm_engine import VLLMEngine
+
+        threads = torch.get_num_threads()
+        engine = VLLMEngine.from_config(model_path, cfg.rollout, seed=cfg.seed)
+        torch.set_num_threads(threads)  # vLLM's CPU backend drops the intra-op pool to one thread
+        return engine
+    return HFEngine.from_config(model_path, cfg.rollout, device=env.device)
+
+
+def gym_factory(cfg: Config) -> Callable[[], Gym]:
+    """Fresh gyms of ``env.name``; LLM-user gyms share one client of the user simulator."""
+    kwargs: dict[str, Any] = {"max_turns": cfg.env.max_turns}
+    if cfg.env.user_base_url:
+        kwargs["client"] = UserSimulatorClient(
+            cfg.env.user_base_url, cfg.env.user_model, api_key=os.environ.get("OPENAI_API_KEY"),
+            max_concurrency=cfg.rollout.env_workers,
+        )
+    return functools.partial(make_gym, cfg.env.name, **kwargs)
+
+
+def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedTokenizerBase) -> RLSetup:
+    """Tasks, the sharded policy (and frozen reference for KL), optimiser, schedule and engine."""
+    if cfg.train.mini_batch_size % env.world_size:
+        raise ValueError(
+            f"train.mini_batch_size ({cfg.train.mini_batch_size}) must divide by the world size ({env.world_size})"
+        )
+    e = cfg.env
+    path = e.tasks_path or None
+    train_tasks = make_tasks(e.name, split="train", n=e.num_train_tasks, level=e.level, seed=e.seed, path=path)
+    eval_tasks = make_tasks(e.name, split="test", n=min(e.num_eval_tasks, cfg.eval.num_tasks), level=e.level,
+                            seed=e.seed, path=path)
+    policy = load_policy(model_path, cfg.model, env)
+    ref_policy = None
+    if cfg.algo.loss.kl_coef > 0:
+        ref_policy = load_policy(model_path, cfg.model, env).eval().requires_grad_(False)
+    optimizer = build_optimizer(policy, cfg.optim)
+    updates = cfg.train.steps * cfg.train.ppo_epochs * (cfg.rollout.prompts_per_step // cfg.train.mini_batch_size)
+    scheduler = build_scheduler(optimizer, cfg.optim, updates)
+    engine = make_engine(cfg, model_path, env)
+    return RLSetup(cfg, env, tokenizer, policy, ref_policy, optimizer, scheduler, engine, gym_factory(cfg),
+                   train_tasks, eval_tasks)
+
+
+def _trainer_state(s: RLSetup, state: RLState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "sampler": state.sampler.state_dict(),
+        "guard": state.guard.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "evals": state.evals,
+    }
+
+
+def _restore(s: RLSetup, state: RLState, checkpoint: Path) -> None:
+    saved = load_checkpoint(checkpoint, s.policy, s.optimizer)
+    state.step = saved["step"]
+    state.sampler.load_state_dict(saved["sampler"])
+    state.guard.load_state_dict(saved["guard"])
+    s.scheduler.load_state_dict(saved["scheduler"])
+    state.evals = saved["evals"]
+
+
+def train_rl(
+    cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedTokenizerBase, *, stop_after: int | None = None
+) -> list[dict[str, Any]]:
+    """The BAO loop from ``model_path`` (resuming from the latest checkpoint when ``checkpoint.resume``).
+
+    ``stop_after`` ends the run after that step (as if killed right after it; used by resume tests).
+    Returns the eval summaries (step 0 = the starting model, then every ``eval_every`` and the last step).
+    """
+    run_dir = Path(cfg.run_dir)
+    s = setup(cfg, env, model_path, tokenizer)
+    state = RLState(0, TaskSampler(len(s.train_tasks), derive_seed(cfg.seed, 9)),
+                    NonFiniteGuard(cfg.train.max_nonfinite_steps))
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if checkpoint is not None:
+        _restore(s, state, checkpoint)
+    logger = MetricsLogger(run_dir, cfg.logging, name="train", total=cfg.train.steps, enabled=env.is_main,
+                           run_config=config_to_dict(cfg), resume_step=state.step)
+    logger.advance_to(state.step)
+    try:
+        if state.step == 0 and not state.evals:
+            state.evals.append(evaluate(s, 0))
+            logger.log(0, eval_metrics(state.evals[-1]))
+        while state.step < cfg.train.steps:
+            state.step += 1
+            metrics = rl_step(s, state)
+            last = state.step == cfg.train.steps
+            if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+                state.evals.append(evaluate(s, state.step))
+                metrics.update(eval_metrics(state.evals[-1]))
+            logger.log(state.step, metrics, status=f"reward {metrics['reward']:.3f} score {metrics['score']:.3f}")
+            save_every = cfg.checkpoint.save_every
+            if last or (save_every and state.step % save_every == 0):
+                save_checkpoint(run_dir / "checkpoints", state.step, s.policy, s.optimizer, _trainer_state(s, state),
+                                keep_last=cfg.checkpoint.keep_last)
+            if stop_after is not None and state.step >= stop_after:
+                return state.evals
+        if cfg.checkpoint.export_hf:
+            export_hf(s.policy, tokenizer, run_dir / FINAL_MODEL_DIR)
+        if env.is_main:
+            (run_dir / "evals.json").write_text(json.dumps(state.evals, indent=1))
+    finally:
+        logger.close()
+    dist.barrier()
+    return state.evals
+
+
+def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]:
+    """The whole pipeline of one config: initial model -> SFT (when enabled) -> BAO RL."""
+    env = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    model_path = initial_model(cfg, env)
+    tokenizer = load_tokenizer(model_path)
+    if cfg.sft.enabled:
+        model_path = train_sft(cfg, env, model_path, tokenizer)
+    return train_rl(cfg, env, model_path, tokenizer, stop_after=stop_after)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config (e.g. configs/functiongym-qwen3-4b-bao.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 algo.name=userrl")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (launch with ``torchrun --nproc_per_node N`` for N ranks; a plain process is a world of one)."""
+    cfg = load_config(args.config, args.overrides)
+    try:
+        evals = train(cfg)
+        if dist.get_rank() == 0 and evals:
+            final = evals[-1]
+            print(f"final eval (step {final['step']}): score {final['score']:.3f}, "
+                  f"pass@U-1 {final['pass_at_u'][1]:.3f}, UR {final['ur']:.3f}")
+    finally:
+        shutdown_distributed()
+    return 0

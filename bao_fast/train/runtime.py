@@ -1,0 +1,140 @@
+"""Pieces both trainers share: seeding, the resumable task sampler, the initial model, and the small
+collectives that keep ranks in lock-step (FSDP needs every rank to run the same number of forwards)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bao_fast.config import Config
+from bao_fast.models import create_tiny_model
+from bao_fast.train.fsdp import DistEnv
+
+T = TypeVar("T")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed that depends on every part (e.g. ``(cfg.seed, step, rank)``), stable across runs."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class TaskSampler:
+    """Endless epochs over ``num_tasks`` task indices, reshuffled per epoch from ``seed``; resumable.
+
+    ``next(n)`` returns the next ``n`` indices (crossing epoch boundaries); the cursor is the state.
+    """
+
+    def __init__(self, num_tasks: int, seed: int) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        rng = np.random.default_rng(derive_seed(self.seed, epoch))
+        return rng.permutation(self.num_tasks).tolist()
+
+    def next(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            take = min(n - len(out), self.num_tasks - self.position)
+            out += self._order[self.position : self.position + take]
+            self.position += take
+            if self.position == self.num_tasks:
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"num_tasks": self.num_tasks, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["num_tasks"] != self.num_tasks:
+            raise ValueError(f"sampler state is for {state['num_tasks']} tasks, this run has {self.num_tasks}")
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def initial_model(cfg: Config, env: DistEnv) -> Path:
+    """The HF checkpoint training starts from: ``model.path``, or (``model.tiny``) a random tiny Qwen2
+    created once by rank 0 under ``model.path`` or ``<run_dir>/init-model``."""
+    if not cfg.model.tiny:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.path {str(path)!r} is not a HF checkpoint directory (no config.json)")
+        return path
+    path = Path(cfg.model.path or Path(cfg.run_dir) / "init-model")
+    if env.is_main:
+        create_tiny_model(path, seed=cfg.seed)
+    dist.barrier()
+    return path
+
+
+def rank_share(items: list[Any], env: DistEnv) -> list[Any]:
+    """This rank's contiguous share of ``items`` (``len(items)`` must divide by the world size)."""
+    if len(items) % env.world_size:
+        raise ValueError(f"{len(items)} items cannot be split evenly over {env.world_size} ranks")
+    per = len(items) // env.world_size
+    return items[env.rank * per : (env.rank + 1) * per]
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` of all ranks."""
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return int(t.item())
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64, on the CPU)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=_cpu_group())
+    return t.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_cpu_group())
+    return out
+
+
+_GLOO: Any = None
+
+
+def _cpu_group() -> Any:
+    """A gloo group for small host-side collectives (the default group when it already is gloo)."""
+    global _GLOO
+    if dist.get_backend() == "gloo":
+        return None
+    if _GLOO is None:
+        _GLOO = dist.new_group(backend="gloo")
+    return _GLOO
+
+
+def lockstep(items: list[T]) -> list[tuple[T, float]]:
+    """Pad this rank's work items (micro-batches, trajectory ranges) to the largest count over ranks with
+    zero-weight repeats of the first, so every rank runs the same number of FSDP forwards/backwards.
+    Returns ``(item, weight)`` pairs: 1.0 for real work, 0.0 for padding. ``items`` must not be empty."""
+    if not items:
+        raise ValueError("lockstep: items is empty; every rank needs at least one trajectory")
+    count = max_over_ranks(len(items))
+    return [(items[i], 1.0) if i < len(items) else (items[0], 0.0) for i in range(count)]

@@ -1,0 +1,107 @@
+"""Typed config loading: YAML + dotted overrides, presets, strict validation, round trip, shipped configs."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from bao_fast.algo import preset
+from bao_fast.config import Config, ConfigError, load_config, parse_overrides, save_config
+
+TINY = ["model.tiny=true"]
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: runs/x\ntrain:\n  steps: 7\noptim:\n  lr: 2.0e-5\nmodel:\n  tiny: true\n")
+    cfg = load_config(path, ["train.steps=9", "rollout.temperature=0.7", "env.name=function"])
+    assert isinstance(cfg, Config)
+    assert (cfg.run_dir, cfg.train.steps, cfg.optim.lr, cfg.rollout.temperature) == ("runs/x", 9, 2e-5, 0.7)
+    assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("name", ["bao", "userrl", "grpo"])
+def test_algo_preset_then_explicit_shaping(name: str) -> None:
+    cfg = load_config(None, [*TINY, f"algo.name={name}", "env.max_turns=12"])
+    assert cfg.algo.shaping == preset(name, horizon=12)
+    tuned = load_config(None, [*TINY, f"algo.name={name}", "algo.shaping.gamma=0.5", "algo.loss.clip_high=0.28"])
+    assert tuned.algo.shaping.gamma == 0.5 and tuned.algo.loss.clip_high == 0.28
+    assert tuned.algo.shaping.turn_credit == preset(name).turn_credit
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["trian.steps=3"], "unknown config key 'trian'"),
+        (["train.stpes=3"], r"did you mean 'train.steps'"),
+        (["train.steps=three"], "'train.steps' must be an int"),
+        (["train.steps=2.5"], "'train.steps' must be an int"),
+        (["logging.wandb=1"], "'logging.wandb' must be a bool"),
+        (["algo.name=ppo"], "'algo.name' must be one of"),
+        (["rollout.engine=sglang"], "'rollout.engine' must be one of"),
+        (["algo.shaping.turn_credit=foo"], "turn_credit"),
+        (["algo.loss.dual_clip=0.5"], "dual_clip"),
+        (["train.steps=0"], "'train.steps' must be >= 1"),
+        (["train.mini_batch_size=3", "rollout.prompts_per_step=8"], "'train.mini_batch_size'.*must divide"),
+        (["rollout.temperature=0"], "'rollout.temperature' must be > 0"),
+        (["rollout.max_turn_tokens=9000"], "'rollout.max_model_len'"),
+        (["algo.shaping.horizon=10"], "must equal env.max_turns"),
+        (["optim.lr=0"], "'optim.lr' must be > 0"),
+        (["sft.optim.min_lr_ratio=2"], "'sft.optim.min_lr_ratio'"),
+        (["sft.eval_fraction=1.0"], "'sft.eval_fraction'"),
+        (["checkpoint.keep_last=-1"], "'checkpoint.keep_last'"),
+        (["train"], "must look like"),
+        (["train=3"], "'train' must be a mapping"),
+    ],
+)
+def test_bad_configs_are_rejected_with_the_key(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [*TINY, *overrides])
+
+
+def test_model_path_required() -> None:
+    with pytest.raises(ConfigError, match=r"model\.path"):
+        load_config(None, [])
+    assert load_config(None, ["model.path=/some/ckpt"]).model.path == "/some/ckpt"
+
+
+def test_top_level_must_be_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_parse_overrides_nests_and_parses_scalars() -> None:
+    tree = parse_overrides(["a.b.c=1", "a.b.d=x", "e=true", "f=0.5", "g="])
+    assert tree == {"a": {"b": {"c": 1, "d": "x"}}, "e": True, "f": 0.5, "g": ""}
+
+
+def test_exponent_floats_without_dot(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-6\n")
+    assert load_config(path, TINY).optim.lr == 1e-6
+    assert load_config(None, [*TINY, "optim.lr=3e-4"]).optim.lr == 3e-4
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be a number"):
+        load_config(None, [*TINY, "optim.lr=fast"])
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, [*TINY, "algo.name=userrl", "algo.shaping.gamma=0.9", "optim.schedule=cosine"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["demo-cpu.yaml", "functiongym-qwen3-4b-bao.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    path = resources.files("bao_fast.configs").joinpath(name)
+    overrides = [] if name.startswith("demo") else ["model.path=/ckpt/Qwen3-4B"]
+    cfg = load_config(Path(str(path)), overrides)
+    assert cfg.algo.name == "bao" and cfg.algo.shaping == preset("bao", horizon=cfg.env.max_turns)
+    if name.startswith("demo"):
+        assert cfg.model.tiny and cfg.sft.enabled and cfg.env.name == "function"
+    else:
+        assert cfg.rollout.group_size == 8 and cfg.rollout.prompts_per_step == 128 and cfg.optim.lr == 1e-6
+        assert cfg.algo.shaping.info_seeking_coef == 0.005 and cfg.algo.shaping.overthinking_coef == 0.05

@@ -1,0 +1,29 @@
+"""Helpers for the trainer tests: run a worker script as a plain process or under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_worker(script: str, args: list[str], nproc: int = 1, timeout: float = 300) -> None:
+    """Run ``tests/train/<script>`` with ``args`` (under ``torchrun --standalone`` when ``nproc > 1``);
+    fail with the tail of its output when it exits non-zero."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        cmd = [sys.executable]
+    proc = subprocess.run([*cmd, str(HERE / script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"{script} (nproc={nproc}) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")

@@ -1,0 +1,35 @@
+"""The demo's report: SFT-vs-RL table, Pass@U-k plot and training curves from a run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bao_fast.config import load_config
+from bao_fast.eval.metrics import summarize
+from bao_fast.train.demo import default_config_path, write_report
+
+
+def test_default_config_is_packaged() -> None:
+    cfg = load_config(default_config_path())
+    assert cfg.run_dir == "runs/demo" and cfg.model.tiny and cfg.rollout.engine == "vllm"
+
+
+def test_write_report(tmp_path: Path) -> None:
+    cfg = load_config(default_config_path(), [f"run_dir={tmp_path}"])
+    sft = {"step": 0, **summarize([{"choices": ["search", "answer"], "rewards": [0.0, 0.0], "success": False}] * 4)}
+    episodes = [{"choices": ["search", "answer"], "rewards": [0.0, 1.0], "success": True}] * 3
+    episodes.append({"choices": ["answer", "answer"], "rewards": [0.0, 1.0], "success": True})
+    rl = json.loads(json.dumps({"step": 2, **summarize(episodes)}))  # string Pass@U keys, as after a resume
+    lines = [{"step": 0, "eval/score": 0.0, "eval/ur": 0.5, "eval/turns": 2.0}]
+    lines += [{"step": s, "reward": 0.1 * s, "turns": 2.0, "score_shaped_mean": -0.2} for s in (1, 2)]
+    lines.append({"step": 2, "eval/score": 1.0, "eval/ur": 0.625, "eval/turns": 2.0})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    paths = write_report(cfg, [sft, rl], wall_s=90.0)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+    table = paths["report.md"].read_text()
+    assert "| SFT | 0.000" in table and "| BAO RL | 1.000" in table and "Pass@U-6" in table
+    rl_row = next(line for line in table.splitlines() if line.startswith("| BAO RL"))
+    assert "| 0.750 | 1.000 |" in rl_row  # Pass@U-1 = 3/4, Pass@U-2 = 1
+    report = json.loads(paths["report.json"].read_text())
+    assert report["wall_s"] == 90.0 and set(report["models"]) == {"SFT", "BAO RL"}

@@ -1,0 +1,80 @@
+"""JSONL metrics logger and the non-finite step guard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bao_fast.config import LoggingConfig
+from bao_fast.train.logging import MetricsLogger, NonFiniteError, NonFiniteGuard, read_jsonl
+
+
+def test_jsonl_records_and_nonfinite_values(tmp_path: Path) -> None:
+    cfg = LoggingConfig(progress=False)
+    logger = MetricsLogger(tmp_path, cfg, name="train", total=3)
+    logger.log(1, {"loss": 0.5, "note": "ok"})
+    logger.log(2, {"loss": float("nan"), "grad_norm": float("inf")})
+    logger.close()
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["step"] == 1 and first["loss"] == 0.5 and first["note"] == "ok" and "time" in first
+    assert second["loss"] == "nan" and second["grad_norm"] == "inf"
+
+
+def test_resume_drops_records_after_the_checkpoint(tmp_path: Path) -> None:
+    cfg = LoggingConfig(progress=False)
+    logger = MetricsLogger(tmp_path, cfg, name="train", total=5)
+    for step in range(1, 5):
+        logger.log(step, {"loss": float(step)})
+    logger.close()
+    resumed = MetricsLogger(tmp_path, cfg, name="train", total=5, resume_step=2)
+    resumed.log(3, {"loss": 30.0})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "train.jsonl")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_disabled_logger_writes_nothing(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, LoggingConfig(), name="train", total=1, enabled=False)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "train.jsonl").exists()
+
+
+def test_progress_bar_runs(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, LoggingConfig(progress=True), name="train", total=2)
+    logger.advance_to(1)
+    logger.log(2, {"loss": 1.0}, status="loss 1.0")
+    logger.close()
+    assert read_jsonl(tmp_path / "train.jsonl")[0]["step"] == 2
+
+
+def test_guard_skips_then_stops() -> None:
+    guard = NonFiniteGuard(max_consecutive=3)
+    assert guard.check(1, loss=1.0, grad_norm=2.0)
+    assert not guard.check(2, loss=float("nan"), grad_norm=1.0)
+    assert not guard.check(3, loss=1.0, grad_norm=float("inf"))
+    assert guard.check(4, loss=1.0, grad_norm=1.0)
+    assert guard.consecutive == 0 and guard.total_skipped == 2
+    assert not guard.check(5, loss=math.nan)
+    assert not guard.check(6, loss=math.nan)
+    with pytest.raises(NonFiniteError, match="3 consecutive"):
+        guard.check(7, loss=math.inf)
+    state = guard.state_dict()
+    fresh = NonFiniteGuard(3)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state == {"consecutive": 3, "total_skipped": 5}
+    with pytest.raises(ValueError, match="max_consecutive"):
+        NonFiniteGuard(0)
+
+
+def test_tensorboard_mirror(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    logger = MetricsLogger(tmp_path, LoggingConfig(progress=False, tensorboard=True), name="train", total=1)
+    logger.log(1, {"loss": 0.25, "note": "text is skipped"})
+    logger.close()
+    events = list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
