@@ -2,10 +2,16 @@
 ``bao_fast.ops.reference``, ``torch.library`` registration so ``torch.compile`` traces it."""
 
 from bao_fast.algo.shaping import ShapingConfig
-
-# <<op exports>>
+from bao_fast.ops.advantages import ShapedAdvantages, shaped_advantages
+from bao_fast.ops.logprobs import token_logprobs
+from bao_fast.ops.packing import pack_multiturn
+from bao_fast.ops.policy_loss import clipped_ratio_loss
 
 __all__ = [
+    "ShapedAdvantages",
     "ShapingConfig",
-    # <<op names>>
+    "clipped_ratio_loss",
+    "pack_multiturn",
+    "shaped_advantages",
+    "token_logprobs",
 ]

@@ -90,8 +90,8 @@ class Policy(nn.Module):
     def forward(
         self, batch: PackedBatch, temperature: float = 1.0, return_entropy: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """float32 log-probs of ``batch.targets`` at ``batch.target_rows`` (shape [K]); with
-        ``return_entropy`` also the float32 entropy of each of those rows."""
+        """float32 log-probs of ``batch.targets``, shape [T] aligned with the rows (0 outside
+        ``batch.target_rows``); with ``return_entropy`` also the float32 per-row entropy [T]."""
         return packed_token_logprobs(self.hf, batch, temperature=temperature, return_entropy=return_entropy)
 
 

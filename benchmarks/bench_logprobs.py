@@ -1,0 +1,280 @@
+"""Benchmark ``bao_fast.ops.token_logprobs`` (fwd+bwd) against the LM-head log-prob baselines.
+
+Baselines, in the same run and on the same inputs: torch eager (fp32 ``log_softmax`` + gather, entropy from
+the full distribution), ``torch.compile`` of it, torch's chunked ``F.linear_cross_entropy``
+(``LinearCrossEntropyOptions``), liger-kernel's fused linear cross-entropy and cut-cross-entropy. The last
+three return a per-token loss (= -logp) and no entropy, so they are compared with ``bao_fast`` without
+entropy as well. Baselines that are not installed or not supported on the device are recorded as skipped,
+with the reason.
+
+Reports per implementation and shape: median fwd+bwd time over ``--repeats`` runs after warm-up, effective
+TFLOP/s (``6*N*H*V`` flops), peak extra memory and max abs error of logp / entropy against the fp64
+reference. Peak memory is the CUDA allocator peak on a GPU; on the CPU it is the RSS peak of one warm fwd+bwd in
+a fresh subprocess (see ``cpu_peak_memory``).
+Writes ``benchmarks/results/logprobs-<device>.json``.
+
+    python benchmarks/bench_logprobs.py                  # preset by device: gpu on CUDA, cpu otherwise
+    python benchmarks/bench_logprobs.py --preset cpu --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_memory, print_table, timeit_median, write_results
+
+from bao_fast.ops.logprobs import token_logprobs
+from bao_fast.ops.reference import token_logprobs_reference
+
+Outputs = tuple[torch.Tensor, torch.Tensor | None]
+LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Outputs]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape: N rows, hidden H, vocab V, input dtype, timed repeats."""
+
+    n: int
+    h: int
+    v: int
+    dtype: str
+    repeats: int
+
+
+def presets(name: str, repeats: int, quick: bool) -> list[Case]:
+    """PERF.md's headline shape of the preset first, then a sweep over N and V."""
+    if name == "gpu":
+        head = [Case(16384, 4096, 151936, "bfloat16", repeats)]
+        sweep = [Case(n, 4096, v, "bfloat16", repeats) for n in (4096, 8192, 16384) for v in (32000, 128256)]
+    else:
+        # 2 CPU cores: the headline shape takes ~15-25 s per fwd+bwd, so it gets at most 3 timed repeats.
+        head = [Case(8192, 512, 32000, "float32", min(repeats, 3))]
+        sweep = [Case(n, 512, v, "float32", repeats) for n in (512, 2048) for v in (4096, 16384)]
+    return sweep[:1] if quick else head + sweep
+
+
+def eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
+    """The usual trainer code: full fp32 logits, log_softmax, gather; entropy from the full distribution."""
+    logprobs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    logp = logprobs.gather(1, targets[:, None]).squeeze(1)
+    return logp, -(logprobs.exp() * logprobs).sum(-1)
+
+
+def fused(with_entropy: bool) -> LogprobFn:
+    def run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
+        out = token_logprobs(hidden, weight, targets, return_entropy=with_entropy)
+        return out if with_entropy else (out, None)
+
+    return run
+
+
+def torch_chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
+    loss = torch.nn.functional.linear_cross_entropy(
+        hidden, weight, targets, reduction="none", options=torch.nn.LinearCrossEntropyOptions()
+    )
+    return -loss.float(), None
+
+
+def liger_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    loss = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none")
+    loss = loss[0] if isinstance(loss, tuple) else loss
+    return -loss.float(), None
+
+
+def cce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return -linear_cross_entropy(hidden, weight, targets, reduction="none").float(), None
+
+
+def implementations(device: torch.device, with_compile: bool) -> dict[str, tuple[LogprobFn | None, str]]:
+    """name -> (function or None, reason it is skipped)."""
+    cuda = device.type == "cuda"
+    impls: dict[str, tuple[LogprobFn | None, str]] = {
+        "eager": (eager, ""),
+        "bao_fast": (fused(True), ""),
+        "bao_fast_no_entropy": (fused(False), ""),
+    }
+    if with_compile:
+        impls["compile"] = (torch.compile(eager), "")
+    else:
+        impls["compile"] = (None, "torch.compile baseline runs on CUDA by default (pass --compile on CPU)")
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        impls["torch_chunked_ce"] = (torch_chunked_ce, "")
+    else:
+        impls["torch_chunked_ce"] = (None, f"torch {torch.__version__} has no LinearCrossEntropyOptions")
+    for name, module, fn in (("liger", "liger_kernel", liger_ce), ("cce", "cut_cross_entropy", cce)):
+        if importlib.util.find_spec(module) is None:
+            impls[name] = (None, f"{module} is not installed")
+        elif not cuda:
+            impls[name] = (None, f"{module} needs a CUDA device")
+        else:
+            impls[name] = (fn, "")
+    return impls
+
+
+def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fp64 logp and entropy, a few thousand rows at a time to bound the fp64 logits."""
+    rows = max(1, (1 << 28) // (8 * weight.shape[0]))
+    weight = weight.double()
+    parts = [
+        token_logprobs_reference(hidden[i : i + rows], weight, targets[i : i + rows], return_entropy=True)
+        for i in range(0, hidden.shape[0], rows)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """hidden ``[N, H]``, weight ``[V, H]`` (leaves), targets int64 ``[N]``, upstream grad f32 ``[N]``."""
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(case.n, case.h, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(case.v, case.h, generator=gen) / case.h**0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, case.v, (case.n,), generator=gen).to(device)
+    return hidden, weight, targets, torch.randn(case.n, generator=gen).to(device)
+
+
+def make_step(fn: LogprobFn, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor):
+    """One fwd+bwd: ``sum(logp * grad) + sum(entropy)``, gradients into fresh ``.grad`` tensors."""
+
+    def step() -> None:
+        hidden.grad = weight.grad = None
+        logp, ent = fn(hidden, weight, targets)
+        loss = (logp * grad).sum() + (ent.sum() if ent is not None else 0.0)
+        loss.backward()
+
+    return step
+
+
+def cpu_peak_memory(name: str, case: Case) -> int:
+    """RSS peak (bytes) of one fwd+bwd of implementation ``name``, measured in a fresh Python process after
+    one warm-up step (imports and code pages are not counted). glibc's mmap threshold is pinned at 64 KiB
+    there, so every tensor buffer is mapped on allocation and unmapped on free: RSS tracks live memory."""
+    cmd = [sys.executable, __file__, "--probe-memory", json.dumps({"impl": name, **asdict(case)})]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def probe_memory(spec: str) -> None:
+    """Child side of ``cpu_peak_memory``: prints the peak extra RSS in bytes."""
+    fields = json.loads(spec)
+    name = fields.pop("impl")
+    device = torch.device("cpu")
+    fn, reason = implementations(device, with_compile=name == "compile")[name]
+    if fn is None:
+        raise SystemExit(reason)
+    step = make_step(fn, *make_inputs(Case(**fields), device))
+    step()
+    print(peak_memory(step, device))
+
+
+def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobFn | None, str]]) -> list[dict]:
+    hidden, weight, targets, grad = make_inputs(case, device)
+    with torch.no_grad():
+        ref_logp, ref_ent = reference(hidden, weight, targets)
+    flops = 6.0 * case.n * case.h * case.v
+    rows: list[dict] = []
+    eager_ms = eager_mem = None
+    for name, (fn, reason) in impls.items():
+        row = {"impl": name, **asdict(case)}
+        if fn is None:
+            rows.append({**row, "skipped": reason})
+            continue
+
+        step = make_step(fn, hidden, weight, targets, grad)
+        try:
+            with torch.no_grad():
+                logp, ent = fn(hidden, weight, targets)
+            row["logp_max_err"] = (logp.double() - ref_logp).abs().max().item()
+            row["entropy_max_err"] = (ent.double() - ref_ent).abs().max().item() if ent is not None else None
+            del logp, ent
+            if device.type == "cuda":
+                row["peak_mem_mb"] = peak_memory(step, device) / 2**20
+            else:
+                row["peak_mem_mb"] = cpu_peak_memory(name, case) / 2**20
+            timing = timeit_median(step, warmup=1, repeats=case.repeats, device=device)
+        except torch.OutOfMemoryError as err:
+            rows.append({**row, "skipped": f"out of memory: {str(err).splitlines()[0]}"})
+            continue
+        finally:
+            hidden.grad = weight.grad = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row.update(timing)
+        row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+        if name == "eager":
+            eager_ms, eager_mem = timing["median_ms"], row["peak_mem_mb"]
+        if eager_ms is not None:
+            row["speedup_vs_eager"] = eager_ms / timing["median_ms"]
+            row["mem_vs_eager"] = row["peak_mem_mb"] / eager_mem if eager_mem else None
+        rows.append(row)
+    return rows
+
+
+def table_row(row: dict) -> dict[str, str]:
+    """Short, formatted columns for the printed table (the JSON keeps everything)."""
+    if "skipped" in row:
+        return {"impl": row["impl"], "ms": "skipped (reason in the JSON)"}
+
+    def fmt(key: str, spec: str) -> str:
+        return format(row[key], spec) if row.get(key) is not None else "-"
+
+    return {
+        "impl": row["impl"],
+        "ms": fmt("median_ms", ".1f"),
+        "TFLOP/s": fmt("tflops", ".3g"),
+        "peak MiB": fmt("peak_mem_mb", ".1f"),
+        "mem/eager": fmt("mem_vs_eager", ".3f"),
+        "x eager": fmt("speedup_vs_eager", ".2f"),
+        "logp err": fmt("logp_max_err", ".1e"),
+        "ent err": fmt("entropy_max_err", ".1e"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=("cpu", "gpu"), default=None, help="default: by device")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="one small shape, no results file (smoke run)")
+    parser.add_argument("--compile", action="store_true", help="include torch.compile on the CPU too")
+    parser.add_argument("--probe-memory", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe_memory:
+        probe_memory(args.probe_memory)
+        return
+    device = torch.device(args.device)
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    impls = implementations(device, with_compile=args.compile or device.type == "cuda")
+    results: list[dict] = []
+    for case in presets(preset, args.repeats, args.quick):
+        rows = bench_case(case, device, impls)
+        results.extend(rows)
+        print_table(
+            [table_row(r) for r in rows],
+            title=f"token_logprobs fwd+bwd N={case.n} H={case.h} V={case.v} {case.dtype} ({case.repeats} repeats)",
+        )
+    if not args.quick:
+        path = write_results("logprobs", {"preset": preset, "flops_per_step": "6*N*H*V", "results": results}, device)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""``bao_fast.ops.token_logprobs`` on the CPU (chunked torch path): values, gradients, errors, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bao_fast.ops.logprobs import token_logprobs
+from bao_fast.ops.logprobs_chunked import chunked_backward, chunked_forward
+from bao_fast.ops.reference import token_logprobs_reference
+
+IGNORE = -100
+
+
+def _inputs(n, h, v, dtype=torch.float32, *, bias=False, rows=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) * 3 / h**0.5).to(dtype)
+    b = torch.randn(v, generator=gen).to(dtype) if bias else None
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[torch.randperm(n, generator=gen)[: n // 5]] = IGNORE
+    target_rows = torch.randperm(n, generator=gen)[: (2 * n) // 3] if rows else None
+    return hidden, weight, b, targets, target_rows
+
+
+def _grads(fn, leaves, g_logp, g_ent):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in leaves]
+    out = fn(*leaves)
+    logp, ent = out if isinstance(out, tuple) else (out, None)
+    loss = (logp.double() * g_logp).sum() if g_logp is not None else 0.0
+    if g_ent is not None:
+        loss = loss + (ent.double() * g_ent).sum()
+    loss.backward()
+    return logp, ent, [x.grad if x is not None else None for x in leaves]
+
+
+def _close(actual, expected, tol, name):
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol * max(1.0, expected.abs().max().item()), f"{name}: max abs err {err:.3e}"
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+@pytest.mark.parametrize(("entropy", "bias", "rows"), [(True, True, True), (False, False, False), (True, False, False)])
+def test_matches_fp64_reference(temperature, entropy, bias, rows):
+    hidden, weight, b, targets, target_rows = _inputs(53, 40, 131, bias=bias, rows=rows, seed=int(temperature * 10))
+    g_logp = torch.randn(53, dtype=torch.float64)
+    g_ent = torch.randn(53, dtype=torch.float64) if entropy else None
+    kw = {"temperature": temperature, "return_entropy": entropy, "ignore_index": IGNORE, "target_rows": target_rows}
+    logp, ent, grads = _grads(lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, **kw), (hidden, weight, b),
+                              g_logp, g_ent)  # fmt: skip
+    ref = _grads(lambda h, w, bb: token_logprobs_reference(h, w, targets, bias=bb, **kw), (hidden, weight, b),
+                 g_logp, g_ent)  # fmt: skip
+    assert logp.dtype == torch.float32 and logp.shape == (53,)
+    _close(logp, ref[0], 1e-5, "logp")
+    if entropy:
+        assert ent.dtype == torch.float32
+        _close(ent, ref[1], 1e-5, "entropy")
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref[2]):
+        if want is None:
+            assert got is None
+        else:
+            _close(got, want, 1e-5, f"d{name}")
+
+
+def test_entropy_only_gradient():
+    hidden, weight, _, targets, _ = _inputs(20, 24, 60, seed=5)
+    g = torch.randn(20, dtype=torch.float64)
+    ent_only = _grads(lambda h, w: token_logprobs(h, w, targets, return_entropy=True)[1], (hidden, weight), g, None)
+    ref = _grads(lambda h, w: token_logprobs_reference(h, w, targets, return_entropy=True)[1], (hidden, weight),
+                 g, None)  # fmt: skip
+    _close(ent_only[0], ref[0], 1e-5, "entropy")
+    _close(ent_only[2][0], ref[2][0], 1e-5, "dhidden")
+    _close(ent_only[2][1], ref[2][1], 1e-5, "dweight")
+
+
+@pytest.mark.parametrize(("row_chunk", "tile_bytes"), [(7, 4 * 7 * 16), (64, 4 * 64 * 1000), (1, 4)])
+def test_chunking_does_not_change_results(row_chunk, tile_bytes):
+    hidden, weight, b, targets, rows = _inputs(30, 20, 90, bias=True, rows=True, seed=7)
+    kw = {"temperature": 0.8, "ignore_index": IGNORE}
+    logp, ent, lse = chunked_forward(hidden, weight, b, targets, rows, with_entropy=True, tile_bytes=tile_bytes,
+                                     row_chunk=row_chunk, **kw)  # fmt: skip
+    ref_logp, ref_ent = token_logprobs_reference(hidden, weight, targets, bias=b, return_entropy=True,
+                                                 target_rows=rows, **kw)  # fmt: skip
+    _close(logp, ref_logp, 1e-5, "logp")
+    _close(ent, ref_ent, 1e-5, "entropy")
+    g_logp, g_ent = torch.randn(30), torch.randn(30)
+    grads = chunked_backward(g_logp, g_ent, hidden, weight, b, targets, rows, lse, ent, tile_bytes=tile_bytes,
+                             row_chunk=row_chunk, **kw)  # fmt: skip
+    ref = _grads(lambda h, w, bb: token_logprobs_reference(h, w, targets, bias=bb, return_entropy=True,
+                                                           target_rows=rows, **kw), (hidden, weight, b),
+                 g_logp.double(), g_ent.double())  # fmt: skip
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref[2]):
+        _close(got, want, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    hidden, weight, b, targets, _ = _inputs(25, 32, 70, dtype, bias=True, seed=9)
+    g = torch.randn(25, dtype=torch.float64)
+    logp, ent, grads = _grads(lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, return_entropy=True),
+                              (hidden, weight, b), g, g)  # fmt: skip
+    ref = _grads(lambda h, w, bb: token_logprobs_reference(h, w, targets, bias=bb, return_entropy=True),
+                 (hidden, weight, b), g, g)  # fmt: skip
+    assert logp.dtype == torch.float32 and grads[0].dtype == dtype and grads[1].dtype == dtype
+    _close(logp, ref[0], 1e-5, "logp")
+    _close(ent, ref[1], 1e-5, "entropy")
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref[2]):
+        _close(got, want, 1e-2, f"d{name}")
+
+
+def test_unlisted_and_ignored_rows_are_zero_without_gradient():
+    hidden, weight, _, targets, rows = _inputs(30, 16, 50, rows=True, seed=11)
+    hidden.requires_grad_()
+    logp, ent = token_logprobs(hidden, weight, targets, return_entropy=True, target_rows=rows)
+    (logp.sum() + ent.sum()).backward()
+    dead = torch.ones(30, dtype=torch.bool)
+    dead[rows] = False
+    dead |= targets == IGNORE
+    assert torch.all(logp[dead] == 0) and torch.all(ent[dead] == 0) and torch.all(hidden.grad[dead] == 0)
+    assert torch.all(logp[~dead] < 0) and torch.all(ent[~dead] > 0)
+
+
+def test_works_under_torch_compile():
+    hidden, weight, b, targets, rows = _inputs(19, 16, 45, bias=True, rows=True, seed=13)
+
+    def f(h, w, bb):
+        logp, ent = token_logprobs(h, w, targets, bias=bb, temperature=0.9, return_entropy=True, target_rows=rows)
+        return logp.sum() + 0.1 * ent.sum()
+
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves).backward()
+    eager = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    f(*eager).backward()
+    for got, want in zip(leaves, eager):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_opcheck_registration():
+    hidden, weight, b, targets, rows = _inputs(11, 16, 33, bias=True, rows=True, seed=17)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), b.requires_grad_(), targets, rows, 1.1, IGNORE, True)
+    torch.library.opcheck(torch.ops.bao_fast.token_logprobs_fwd.default, args)
+
+
+def _bad(**over):
+    hidden, weight, b, targets, _ = _inputs(6, 8, 12, bias=True, seed=19)
+    kw = {"hidden": hidden, "weight": weight, "targets": targets, "bias": b}
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize(
+    ("over", "exc", "match"),
+    [
+        ({"hidden": torch.randn(6, 8, 1)}, ValueError, "hidden"),
+        ({"hidden": torch.randn(6, 8, dtype=torch.float64)}, TypeError, "hidden"),
+        ({"hidden": [[0.0]]}, TypeError, "hidden"),
+        ({"weight": torch.randn(12, 9)}, ValueError, "weight"),
+        ({"weight": torch.randn(12, 8).half()}, TypeError, "weight"),
+        ({"weight": torch.randn(0, 8)}, ValueError, "weight"),
+        ({"weight": torch.randn(12, 8, device="meta")}, ValueError, "weight"),
+        ({"targets": torch.zeros(6, dtype=torch.int32)}, ValueError, "targets"),
+        ({"targets": torch.zeros(5, dtype=torch.int64)}, ValueError, "targets"),
+        ({"targets": torch.full((6,), 12)}, ValueError, "targets"),
+        ({"targets": torch.full((6,), -1)}, ValueError, "targets"),
+        ({"bias": torch.randn(11)}, ValueError, "bias"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"temperature": True}, TypeError, "temperature"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ({"target_rows": torch.tensor([0, 6])}, ValueError, "target_rows"),
+        ({"target_rows": torch.tensor([1, 1])}, ValueError, "duplicates"),
+        ({"target_rows": torch.tensor([1.0])}, ValueError, "target_rows"),
+    ],
+)
+def test_bad_arguments_raise(over, exc, match):
+    kw = _bad(**over)
+    with pytest.raises(exc, match=match):
+        token_logprobs(kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), **kw)
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "weight", "bias"])
+def test_only_requested_gradients(trainable):
+    hidden, weight, b, targets, rows = _inputs(23, 16, 41, bias=True, rows=True, seed=23)
+    leaves = {"hidden": hidden, "weight": weight, "bias": b}
+    leaves[trainable].requires_grad_()
+    logp = token_logprobs(hidden, weight, targets, bias=b, target_rows=rows, temperature=1.2)
+    (logp * torch.arange(23.0)).sum().backward()
+    ref = {k: v.detach().clone().requires_grad_(k == trainable) for k, v in leaves.items()}
+    ref_logp = token_logprobs_reference(ref["hidden"], ref["weight"], targets, bias=ref["bias"], target_rows=rows,
+                                        temperature=1.2)  # fmt: skip
+    (ref_logp * torch.arange(23.0, dtype=torch.float64)).sum().backward()
+    for name, leaf in leaves.items():
+        if name == trainable:
+            _close(leaf.grad, ref[name].grad, 1e-5, f"d{name}")
+        else:
+            assert leaf.grad is None
