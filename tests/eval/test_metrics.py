@@ -27,10 +27,12 @@ def _random_episode(rng: random.Random) -> EpisodeRecord:
 def _reference(episodes: list[EpisodeRecord]) -> dict:
     """Straightforward per-definition computation."""
     n = len(episodes)
-    out = {"score": sum(sum(e.rewards) for e in episodes) / n,
-           "success_rate": sum(e.success for e in episodes) / n,
-           "ur": sum((e.choices.count("answer") / len(e.choices)) if e.choices else 0.0 for e in episodes) / n,
-           "turns": sum(len(e.choices) for e in episodes) / n}
+    out = {
+        "score": sum(sum(e.rewards) for e in episodes) / n,
+        "success_rate": sum(e.success for e in episodes) / n,
+        "ur": sum((e.choices.count("answer") / len(e.choices)) if e.choices else 0.0 for e in episodes) / n,
+        "turns": sum(len(e.choices) for e in episodes) / n,
+    }
     passes = {}
     for k in range(1, MAX_K + 1):
         solved = 0

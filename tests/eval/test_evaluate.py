@@ -1,0 +1,194 @@
+"""``bao-fast eval``: the tiny model through the transformers engine, and an OpenAI-compatible endpoint
+played by a stdlib stub server with a scripted agent (so the metrics of the episodes are known exactly)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bao_fast.config import load_config
+from bao_fast.envs import FunctionTask
+from bao_fast.envs.user_client import UserSimulatorClient
+from bao_fast.eval import evaluate
+from bao_fast.eval.evaluate import evaluate_endpoint, write_eval
+from bao_fast.eval.metrics import summarize
+from bao_fast.models import create_tiny_model
+
+
+def _cli(argv: list[str]) -> int:
+    """``bao-fast eval ARGV`` through the module's own parser (the dispatcher is tested in tests/test_cli.py)."""
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return evaluate.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_cli_on_tiny_model_with_hf_engine(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    args = [
+        "--checkpoint",
+        str(tiny_model),
+        "--engine",
+        "hf",
+        "--num-tasks",
+        "3",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--label",
+        "tiny",
+        "env.max_turns=2",
+        "rollout.max_turn_tokens=6",
+        "eval.max_k=4",
+    ]
+    assert _cli(args) == 0
+    episodes = _read_jsonl(out / "episodes.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(episodes) == 6 and summary["num_episodes"] == 6
+    assert [e["seed"] for e in episodes] == [0, 0, 0, 1, 1, 1]  # seed-major
+    assert [e["task_id"] for e in episodes[:3]] == [e["task_id"] for e in episodes[3:]]
+    for e in episodes:
+        assert 1 <= e["turns"] <= 2 and len(e["choices"]) == len(e["rewards"]) == e["turns"]
+        assert 1 <= e["generated_tokens"] <= 6 * e["turns"]
+        assert e["messages"][0]["role"] == "system" and e["messages"][-1]["role"] in ("assistant", "user")
+    # greedy decoding: the second seed replays the first exactly (the Function gym's opening is seed-free)
+    assert [e["messages"] for e in episodes[:3]] == [e["messages"] for e in episodes[3:]]
+    recomputed = summarize(episodes)
+    for key in ("score", "ur", "turns", "choice_counts"):
+        assert summary[key] == recomputed[key]
+    assert sorted(int(k) for k in summary["pass_at_u"]) == [1, 2, 3, 4]
+    assert summary["label"] == "tiny" and summary["decoding"]["greedy"] is True
+    assert summary["generated_tokens"] == sum(e["generated_tokens"] for e in episodes)
+    assert (out / "summary.md").read_text().startswith("# tiny\n\n6 episodes, gym function, split test, num_tasks 3")
+
+
+# ----------------------------------------------------------------------------------- endpoint, stub server
+
+# The scripted agent: probe, answer wrong, answer right (the task's rule is a+b+c+d, test case 1 2 3 4).
+SCRIPT = ["<think>probe</think>[action] 1 1 1 1", "[answer] 3", "<think>sum</think>[answer] 10"]
+
+
+class _StubChatServer:
+    """``POST /v1/chat/completions`` answering from SCRIPT by the number of assistant turns so far."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        lock = threading.Lock()
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    requests.append(body)
+                if self.path != "/v1/chat/completions":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                turn = sum(m["role"] == "assistant" for m in body["messages"])
+                reply = {
+                    "choices": [
+                        {
+                            "message": {"role": "assistant", "content": SCRIPT[turn % len(SCRIPT)]},
+                            "finish_reason": "stop",
+                        }
+                    ]
+                }
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _StubChatServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def stub_server() -> Iterator[_StubChatServer]:
+    with _StubChatServer() as server:
+        yield server
+
+
+def test_endpoint_episodes_and_metrics_are_exact(stub_server: _StubChatServer, tmp_path: Path) -> None:
+    tasks = [FunctionTask("sum", "a+b+c+d", (1, 2, 3, 4), 10.0), FunctionTask("prod", "a*b*c*d", (1, 2, 3, 4), 24.0)]
+    cfg = load_config(None, ["model.path=stub", "eval.num_seeds=3", "env.max_turns=3", "rollout.max_turn_tokens=64"])
+    with UserSimulatorClient(stub_server.url, "stub-model", max_concurrency=4) as client:
+        trajs = evaluate_endpoint(client, cfg, tasks)
+    assert len(trajs) == 6 and [t.seed for t in trajs] == [0, 0, 1, 1, 2, 2]
+    solved, failed = trajs[0], trajs[1]
+    assert solved.turn_choices == ["action", "answer", "answer"] and solved.turn_rewards == [0.0, 0.0, 1.0]
+    assert solved.success and solved.end_reason == "correct"
+    assert failed.turn_choices == ["action", "answer", "answer"] and not failed.success
+    assert failed.end_reason == "max_turns"
+    assert solved.messages[-2] == {"role": "assistant", "content": SCRIPT[2]}
+    # every request carries the whole conversation so far, greedy settings and the model name
+    assert len(stub_server.requests) == 18
+    assert all(r["model"] == "stub-model" and r["temperature"] == 0.0 for r in stub_server.requests)
+    assert sorted(len(r["messages"]) for r in stub_server.requests) == [2] * 6 + [4] * 6 + [6] * 6
+
+    summary = write_eval(trajs, tmp_path, {"label": "stub"}, max_k=9)
+    assert summary["score"] == pytest.approx(0.5) and summary["ur"] == pytest.approx(2 / 3)
+    assert summary["pass_at_u"][1] == 0.0 and summary["pass_at_u"][2] == pytest.approx(0.5)
+    assert summary["end_reasons"] == {"correct": 3, "max_turns": 3}
+    assert summary["score_per_seed"] == {"0": 0.5, "1": 0.5, "2": 0.5}
+    lines = _read_jsonl(tmp_path / "episodes.jsonl")
+    assert [line["success"] for line in lines] == [True, False] * 3 and lines[0]["generated_tokens"] is None
+
+
+def test_endpoint_cli_writes_summary(stub_server: _StubChatServer, tmp_path: Path) -> None:
+    out = tmp_path / "ep"
+    args = [
+        "--endpoint",
+        stub_server.url,
+        "--model",
+        "stub-model",
+        "--num-tasks",
+        "2",
+        "--sample",
+        "--temperature",
+        "0.7",
+        "--out",
+        str(out),
+        "env.max_turns=2",
+    ]
+    assert _cli(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_episodes"] == 2 and summary["label"] == "stub-model"
+    assert summary["decoding"]["temperature"] == 0.7
+    assert {r["temperature"] for r in stub_server.requests} == {0.7}
+    assert summary["choice_counts"]["action"] == 2 and summary["choice_counts"]["answer"] == 2
+
+
+def test_endpoint_requires_model_name(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--model"):
+        _cli(["--endpoint", "http://127.0.0.1:9", "--out", str(tmp_path)])
