@@ -72,7 +72,7 @@ EXTRAS = {
     "liger": ["liger-kernel>=0.6"],
     "bench": ["cut-cross-entropy>=25.1"],
     "logging": ["tensorboard>=2.16", "wandb>=0.18"],
-    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.16"],
 }
 
 setup(
