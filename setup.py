@@ -63,6 +63,7 @@ CORE = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "numpy>=1.26",
+    "httpx>=0.27",
 ]
 EXTRAS = {
     # GPU machines: the CUDA vLLM wheel.

@@ -33,7 +33,7 @@ from bao_fast.envs.user_client import UserSimulatorClient
 from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
 from bao_fast.rollout import GenerationEngine, GenerationParams, Trajectory, run_episodes
-from bao_fast.rollout.agent_loop import _end_reason
+from bao_fast.rollout.agent_loop import end_reason_of
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -139,7 +139,7 @@ def _endpoint_episode(
         traj.turn_rewards.append(float(result.reward))
         traj.turn_is_answer.append(bool(result.info.get("user_involved", False)))
         traj.success = bool(result.info.get("success", False))
-        traj.end_reason = _end_reason(result)  # the gym truncates at env.max_turns: the loop always ends here
+        traj.end_reason = end_reason_of(result)  # the gym truncates at env.max_turns: the loop always ends here
         if traj.end_reason is not None:
             break
     return traj

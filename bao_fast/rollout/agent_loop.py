@@ -66,7 +66,7 @@ class _Episode:
         self.traj.turn_is_answer.append(is_answer)
 
 
-def _end_reason(result: StepResult) -> EndReason | None:
+def end_reason_of(result: StepResult) -> EndReason | None:
     """Why the gym ended the episode on this step, or None if it goes on."""
     if result.terminated:
         if result.info.get("success"):
@@ -158,7 +158,7 @@ def run_episodes(
                 )
                 ep.traj.success = bool(result.info.get("success", False))
                 ep.traj.messages.append({"role": "user", "content": result.feedback})
-                reason = _end_reason(result)
+                reason = end_reason_of(result)
                 if reason is None and turn == max_turns - 1:
                     reason = "max_turns"
                 if reason is None:
