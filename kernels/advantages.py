@@ -29,7 +29,7 @@ _SCORE_CODES = {"sum": 0, "mean": 1, "r2g": 2}
 _EM_DENOM: tl.constexpr = tl.constexpr(1.0 - math.exp(-2.0))
 TOKEN_BLOCK = 1024
 TRAJ_BLOCK = 64
-GROUP_TILE = 64
+GROUP_TILE = 32  # 64 x 32 comparison tiles: float64 fits its registers (64 x 64 spills)
 
 
 @triton.jit
@@ -75,8 +75,8 @@ def _trajectory_shaping_kernel(
     acc_dtype = rewards_ptr.dtype.element_ty
 
     total = tl.zeros([BLOCK_B], dtype=acc_dtype)
-    for t in range(0, max_n):
-        total += tl.load(rewards_ptr + start + t, mask=t < n, other=0.0)
+    for i in range(0, max_n):
+        total += tl.load(rewards_ptr + start + i, mask=i < n, other=0.0)
     failed = total <= 0.0
     overthought = (overthinking_coef > 0.0) & (total == 0.0) & (n < horizon)
     big_p = overthinking_coef * (horizon - n).to(acc_dtype) + 0.2

@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of the log-prob kernels for a GPU architecture, without a GPU.
 
 Compiles every kernel of ``bao_fast.kernels.logprobs`` with the tiles ``tiles_for_arch`` picks, down to a
-cubin (Triton's bundled ptxas), and reports shared memory and whether the main loops became tensor-core MMAs
-fed by asynchronous copies. Use it to check tile configs (shared-memory fit, pipelining) on a machine without
-the target GPU. Arguments are specialised the way a real launch specialises them: unit strides are constants
-and pointers / leading strides are 16-byte aligned.
+cubin (Triton's bundled ptxas), and reports shared memory, registers, spills and whether the main loops became
+tensor-core MMAs fed by asynchronous copies. Use it to check tile configs (shared-memory fit, pipelining) on a
+machine without the target GPU. Arguments are specialised the way a real launch specialises them: unit strides
+are constants and pointers / leading strides are 16-byte aligned.
 
     python -m bao_fast.kernels.logprobs_aot --arch 90 --dtype bfloat16
 
@@ -15,34 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-import triton
+from bao_fast.kernels import aot
 from bao_fast.kernels import logprobs as lk
 from bao_fast.kernels.logprobs_configs import Tile, tiles_for_arch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _SCALARS = {
-    "K": "i32", "V": "i32", "H": "i32", "split_cols": "i32", "v_lo": "i32", "V_CHUNK": "i32", "num_splits": "i32",
-    "inv_temp": "fp32", "ignore_index": "i64",
+    "K": int, "V": int, "H": int, "split_cols": int, "v_lo": int, "V_CHUNK": int, "num_splits": int,
+    "inv_temp": float, "ignore_index": "i64",
 }  # fmt: skip
 _F32_POINTERS = ("part_ptr", "logp_ptr", "ent_ptr", "lse_ptr", "glogp_ptr", "gent_ptr", "db_ptr", "acc_ptr")
 _INT_POINTERS = ("tgt_ptr", "rows_ptr")
 _UNIT_STRIDES = ("stride_hh", "stride_wh", "stride_dwh", "stride_dhh")
-
-
-@dataclass(frozen=True)
-class KernelReport:
-    """What one compiled kernel looks like: shared memory bytes and instruction counts in its PTX."""
-
-    shared_bytes: int
-    num_warps: int
-    wgmma: int
-    mma_sync: int
-    cp_async: int
+_ALIGNED_SCALARS = ("H", "V_CHUNK")
 
 
 def _tile_args(tile: Tile, m: str, n: str, k: str) -> dict[str, int]:
@@ -67,48 +54,36 @@ def _kernels(major: int, dtype: torch.dtype) -> dict[str, tuple[object, dict[str
     }  # fmt: skip
 
 
-def _source(fn, dtype: torch.dtype, constexprs: dict[str, object]) -> ASTSource:
-    """Signature as a real launch specialises it: unit strides constant, pointers and strides 16-aligned."""
-    constexprs = {**constexprs, **{name: 1 for name in _UNIT_STRIDES if name in fn.arg_names}}
-    signature: dict[str, str] = {}
-    attrs = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
+def _spec(fn, dtype: torch.dtype, constexprs: dict[str, object], tile: Tile | None) -> aot.KernelSpec:
+    """As a real launch specialises it: unit strides constant, pointers, leading strides, H and V_CHUNK
+    16-aligned."""
+    args: dict[str, aot.ArgKind] = {}
+    for name in fn.arg_names:
+        if name in constexprs or name in _UNIT_STRIDES:
             continue
         if name in _F32_POINTERS:
-            signature[name] = "*fp32"
+            args[name] = torch.float32
         elif name in _INT_POINTERS:
-            signature[name] = "*i64"
+            args[name] = torch.int64
         elif name.endswith("_ptr"):
-            signature[name] = f"*{_TRITON_DTYPES[dtype]}"
+            args[name] = dtype
         elif name.startswith("stride"):
-            signature[name] = "i64"
+            args[name] = "i64"
         else:
-            signature[name] = _SCALARS[name]
-        if name.endswith("_ptr") or name.startswith("stride") or name in ("H", "V_CHUNK"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            args[name] = _SCALARS[name]
+    strides = [name for name in args if name.startswith("stride")]
+    options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages} if tile else {"num_warps": 4}
+    return aot.launch_spec(fn, args, constexprs, unit=_UNIT_STRIDES, aligned=(*strides, *_ALIGNED_SCALARS), **options)
 
 
-def compile_kernels(arch: int, dtype: torch.dtype, names: list[str] | None = None) -> dict[str, KernelReport]:
+def compile_kernels(arch: int, dtype: torch.dtype, names: list[str] | None = None) -> dict[str, aot.KernelReport]:
     """Compile the kernels (all, or ``names``) for ``sm_{arch}`` (e.g. 90) and report on each."""
-    target = GPUTarget("cuda", arch, 32)
-    reports = {}
-    for name, (fn, constexprs, tile) in _kernels(arch // 10, dtype).items():
-        if names is not None and name not in names:
-            continue
-        options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages} if tile else {"num_warps": 4}
-        kernel = triton.compile(_source(fn, dtype, constexprs), target=target, options=options)
-        ptx = kernel.asm["ptx"]
-        reports[name] = KernelReport(
-            shared_bytes=kernel.metadata.shared,
-            num_warps=options["num_warps"],
-            wgmma=ptx.count("wgmma.mma_async"),
-            mma_sync=ptx.count("mma.sync"),
-            cp_async=ptx.count("cp.async"),
-        )
-    return reports
+    jobs = {
+        name: (_spec(fn, dtype, constexprs, tile), arch)
+        for name, (fn, constexprs, tile) in _kernels(arch // 10, dtype).items()
+        if names is None or name in names
+    }
+    return aot.compile_kernels(jobs)
 
 
 def main(argv: list[str] | None = None) -> None:

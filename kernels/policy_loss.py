@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 TOKEN_BLOCK = 2048
+LOSS_NUM_WARPS = 8  # 8 tokens of a block per thread: float64 fits its registers (4 warps spill)
 SEQ_BLOCK = 1024
 NUM_STATS = 6  # loss, masked tokens, clipped, dual-clipped, Σ (old_logp - logp), Σ kl
 _KL_CODES = {"k1": 0, "k2": 1, "k3": 2}
@@ -203,6 +204,7 @@ def clipped_ratio_loss_triton(
         KL_TYPE=_KL_CODES[kl_type],
         PER_SEQ_WEIGHT=agg == "seq-mean-token-mean",
         BLOCK=TOKEN_BLOCK,
+        num_warps=LOSS_NUM_WARPS,
     )
     totals = partials.sum(dim=0)
     stats = totals[2:] / totals[1].clamp(min=1.0)
