@@ -1,10 +1,12 @@
 """Packed forward of a transformers causal LM into per-token log-probs, bypassing the model's logits.
 
 The backbone runs once over the whole packed stream (batch dimension 1, ``position_ids`` restarting at 0 per
-trajectory). transformers detects the restarts and attends block-diagonally (sdpa / eager build the packed
-causal mask, flash-attention goes varlen), so every trajectory sees only itself; ``tests/models`` checks this
-against running each trajectory alone. The LM head is applied by ``bao_fast.ops.token_logprobs`` to the
-trained target rows only, so no ``[T, V]`` logits exist at any point.
+trajectory), and every trajectory attends to itself only; ``tests/models`` checks this against running each
+trajectory alone. sdpa / eager models are switched to ``bao_fast.models.varlen_attention`` (per-trajectory
+causal attention, no ``[T, T]`` mask, so packing costs ``Σ L_b²`` like padding); other models rely on
+transformers detecting the ``position_ids`` restarts (flash-attention goes varlen, flex builds a block mask).
+The LM head is applied by ``bao_fast.ops.token_logprobs`` to the trained target rows only, so no ``[T, V]``
+logits exist at any point.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from bao_fast.data.packed import PackedBatch
+from bao_fast.models.varlen_attention import enable_varlen_attention, varlen_forward
 from bao_fast.ops.logprobs import token_logprobs
 
 # Config keys of heads that post-process the logits in ways token_logprobs does not reproduce.
@@ -55,7 +58,8 @@ def packed_token_logprobs(
     """Log-probs of ``batch.targets`` under ``model`` for the whole packed batch, in one backbone pass.
 
     Args:
-        model: a transformers causal LM (``*ForCausalLM``) on ``batch.device``.
+        model: a transformers causal LM (``*ForCausalLM``) on ``batch.device``; an sdpa / eager model is
+            switched to its varlen counterpart for good (see ``enable_varlen_attention``).
         batch: the packed trajectories (``input_ids``, ``position_ids``, ``targets``, ``target_rows``).
         temperature: the sampling temperature the log-probs refer to.
         return_entropy: also return the per-row entropy of the (tempered) next-token distribution.
@@ -65,11 +69,13 @@ def packed_token_logprobs(
         ``targets[t]``; rows not in ``batch.target_rows`` are 0 and get no gradient.
     """
     weight, bias = lm_head(model)
-    out = backbone(model)(
-        input_ids=batch.input_ids[None],
-        position_ids=batch.position_ids[None],
-        use_cache=False,
-    )
+    inputs = {"input_ids": batch.input_ids[None], "position_ids": batch.position_ids[None], "use_cache": False}
+    if enable_varlen_attention(model):
+        seq_lens = batch.host_offsets().tokens.diff().tolist()  # host description: no device sync
+        with varlen_forward():
+            out = backbone(model)(**inputs, varlen_seq_lens=tuple(seq_lens))
+    else:
+        out = backbone(model)(**inputs)
     hidden = out.last_hidden_state[0]
     return token_logprobs(
         hidden,

@@ -1,0 +1,156 @@
+"""Varlen causal attention for packed forwards, registered with transformers' attention interfaces.
+
+transformers attends over a packed stream (batch 1, ``position_ids`` restarting per trajectory) with sdpa /
+eager by building a dense ``[T, T]`` block-diagonal mask, so attention costs ``T²`` instead of ``Σ L_b²``.
+This module registers ``bao_varlen_sdpa`` and ``bao_varlen_eager``: implementations that behave exactly like
+their base (``sdpa`` / ``eager``: same masks, same attention) unless the forward gets
+``varlen_seq_lens=(L_0, ..., L_{B-1})``; then no mask is built and every trajectory runs causal
+``scaled_dot_product_attention`` on its own slice of the stream.
+
+The switch is permanent on the model (``enable_varlen_attention``) rather than scoped to one forward: with
+gradient checkpointing the decoder layers run again in the backward pass, after any scope has closed, and
+they must pick the same attention then. The lengths travel as a layer kwarg, so the recomputation sees them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+#: base implementation -> its varlen-capable counterpart.
+VARLEN_IMPLEMENTATIONS = {"sdpa": "bao_varlen_sdpa", "eager": "bao_varlen_eager"}
+#: attention kwargs of logit transforms the per-sequence path does not reproduce.
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
+
+# True while a varlen forward builds its masks: the mask functions then return None (no [T, T] mask).
+_VARLEN_FORWARD: ContextVar[bool] = ContextVar("bao_varlen_forward", default=False)
+
+
+def _base_attention(module: nn.Module, base: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """The attention function ``base`` names; for eager, the ``eager_attention_forward`` of the module's model."""
+    if base != "eager":
+        return ALL_ATTENTION_FUNCTIONS[base]
+    for cls in type(module).__mro__:
+        eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+    raise TypeError(f"attention module {type(module).__name__} has no eager_attention_forward in its modeling file")
+
+
+def varlen_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seq_lens: Sequence[int],
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention of every packed sequence over itself only.
+
+    Args:
+        query: ``[1, Hq, T, D]``; key, value: ``[1, Hkv, T, D]`` with ``Hq % Hkv == 0`` (GQA).
+        seq_lens: host lengths (>= 0) of the packed sequences, summing to ``T``.
+        scaling: softmax scale (default ``D ** -0.5``); dropout: attention dropout probability.
+    Returns:
+        ``[1, T, Hq, D]`` in ``query.dtype`` (the layout transformers' attention functions return).
+    """
+    if query.dim() != 4 or query.shape[0] != 1:
+        raise ValueError(f"query must be [1, H, T, D] (one packed stream), got {tuple(query.shape)}")
+    if sum(seq_lens) != query.shape[2] or any(n < 0 for n in seq_lens):
+        raise ValueError(f"seq_lens must be >= 0 and sum to T={query.shape[2]}, got {list(seq_lens)}")
+    gqa = key.shape[1] != query.shape[1]
+    lens = [n for n in seq_lens if n > 0]  # empty sequences own no rows
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2), strict=True)
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    base: str,
+    varlen_seq_lens: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``AttentionInterface`` entry: per-sequence causal attention, or the base implementation."""
+    if varlen_seq_lens is None:
+        return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("varlen attention does not support sliding-window layers")
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"varlen attention does not support the attention kwarg {name!r}")
+    out = varlen_causal_attention(
+        query, key, value, varlen_seq_lens, scaling=kwargs.get("scaling"), dropout=kwargs.get("dropout", 0.0)
+    )
+    return out, None
+
+
+def _varlen_mask(*, base: str, **kwargs: Any) -> torch.Tensor | None:
+    """The ``AttentionMaskInterface`` entry: no mask during a varlen forward, else the base mask."""
+    if _VARLEN_FORWARD.get():
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS[base](**kwargs)
+
+
+def _register() -> None:
+    for base, name in VARLEN_IMPLEMENTATIONS.items():
+        AttentionInterface.register(name, partial(_varlen_attention_forward, base=base))
+        AttentionMaskInterface.register(name, partial(_varlen_mask, base=base))
+
+
+_register()
+
+
+def enable_varlen_attention(model: nn.Module) -> bool:
+    """Switch ``model`` (a transformers ``PreTrainedModel``) to the varlen counterpart of its attention.
+
+    Returns True when the model now runs a varlen implementation; False (model unchanged) when its attention
+    does not go through transformers' attention interface, is not sdpa / eager, or has sliding-window layers.
+    Without ``varlen_seq_lens`` the model computes exactly what it did before.
+    """
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if not isinstance(impl, str):  # None, or a per-sub-model dict of a composite model
+        return False
+    if impl in VARLEN_IMPLEMENTATIONS.values():
+        return True
+    if impl not in VARLEN_IMPLEMENTATIONS or not getattr(model, "_supports_attention_backend", False):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(t != "full_attention" for t in layer_types):
+            return False
+    elif getattr(config, "sliding_window", None) is not None:
+        return False
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return False
+    config._attn_implementation = VARLEN_IMPLEMENTATIONS[impl]
+    return True
+
+
+@contextmanager
+def varlen_forward() -> Iterator[None]:
+    """Scope of a forward that passes ``varlen_seq_lens``: its mask creation returns None (no dense mask)."""
+    token = _VARLEN_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _VARLEN_FORWARD.reset(token)

@@ -1,0 +1,174 @@
+"""Varlen attention: packed log-probs, entropies and gradients equal running every trajectory alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+import bao_fast.models.varlen_attention as varlen
+from bao_fast.data.segments import pack_segments
+from bao_fast.models import TinyModelSpec, create_tiny_model
+from bao_fast.models.forward import packed_token_logprobs
+from bao_fast.models.varlen_attention import VARLEN_IMPLEMENTATIONS, enable_varlen_attention, varlen_causal_attention
+
+SPEC = TinyModelSpec(hidden_size=64, num_hidden_layers=2, intermediate_size=96)  # 2 query heads, 1 kv head
+TEMPERATURE = 0.7
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("tiny") / "m", spec=SPEC, seed=11)
+
+
+def _load(model_dir: Path, attn: str = "sdpa") -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32)
+
+
+def _trajectories(vocab: int, lengths: list[list[int]], seed: int) -> list[list[tuple[str, list[int]]]]:
+    """One trajectory per entry of ``lengths``: segments alternating user / assistant with those lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    roles = ("user", "assistant")
+    return [
+        [(roles[i % 2], torch.randint(3, vocab, (n,), generator=gen).tolist()) for i, n in enumerate(lens)]
+        for lens in lengths
+    ]
+
+
+BATCHES = {
+    "mixed": [[7, 12, 3, 9], [1, 5], [4, 30, 2, 6], [2, 3]],
+    "single_token_trajectory": [[5, 8], [0, 1], [3, 4, 2, 7]],  # the middle one is one assistant token
+    "one_trajectory": [[6, 11, 4, 9]],
+}
+
+
+def _separate(model: torch.nn.Module, trajectories) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per trajectory alone: logp / entropy of every row from the model's full logits."""
+    logps, ents = [], []
+    for traj in trajectories:
+        ids = torch.tensor([t for _, seg in traj for t in seg])
+        logprobs = torch.log_softmax(model(input_ids=ids[None]).logits[0] / TEMPERATURE, dim=-1)
+        nxt = torch.cat([ids[1:], ids[:1]])  # the last row's target is not scored
+        logps.append(logprobs.gather(1, nxt[:, None]).squeeze(1))
+        ents.append(-(logprobs.exp() * logprobs).sum(-1))
+    return torch.cat(logps), torch.cat(ents)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("batch_name", list(BATCHES))
+@pytest.mark.parametrize(("attn", "checkpointing"), [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_varlen_equals_separate(model_dir: Path, batch_name: str, attn: str, checkpointing: bool) -> None:
+    packed_model, ref_model = _load(model_dir, attn), _load(model_dir, attn)
+    if checkpointing:  # the backward recomputes every layer: it must run varlen attention again
+        packed_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        packed_model.train()
+    trajectories = _trajectories(packed_model.config.vocab_size, BATCHES[batch_name], seed=len(batch_name))
+    batch = pack_segments(trajectories)
+    rows = batch.target_rows
+    weights = torch.randn(rows.numel(), generator=torch.Generator().manual_seed(3))
+
+    logp, ent = packed_token_logprobs(packed_model, batch, temperature=TEMPERATURE, return_entropy=True)
+    assert packed_model.config._attn_implementation == VARLEN_IMPLEMENTATIONS[attn]
+    ((logp[rows] * weights).sum() + ent[rows].sum()).backward()
+
+    ref_logp, ref_ent = _separate(ref_model, trajectories)
+    ((ref_logp[rows] * weights).sum() + ref_ent[rows].sum()).backward()
+    torch.testing.assert_close(logp[rows], ref_logp[rows], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent[rows], ref_ent[rows], rtol=0, atol=1e-5)
+    got, want = _grads(packed_model), _grads(ref_model)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_varlen_path_builds_no_mask(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _load(model_dir)
+    batch = pack_segments(_trajectories(model.config.vocab_size, BATCHES["mixed"], seed=1))
+    masks, calls = [], []
+    dense = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda **kw: masks.append(dense(**kw)))
+    inner = varlen.varlen_causal_attention
+    monkeypatch.setattr(varlen, "varlen_causal_attention", lambda *a, **kw: calls.append(a[3]) or inner(*a, **kw))
+    packed_token_logprobs(model, batch)
+    assert masks == []
+    expected = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    assert [list(c) for c in calls] == [expected] * SPEC.num_hidden_layers
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_switched_model_unchanged_without_varlen(model_dir: Path, attn: str) -> None:
+    """Outside packed_token_logprobs (padded batches, generation) the switched model computes as before."""
+    base, switched = _load(model_dir, attn), _load(model_dir, attn)
+    assert enable_varlen_attention(switched)
+    ids = torch.randint(3, base.config.vocab_size, (3, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    mask[2, :4] = 0  # left padding
+    torch.testing.assert_close(
+        switched(input_ids=ids, attention_mask=mask).logits, base(input_ids=ids, attention_mask=mask).logits
+    )
+
+
+def test_enable_varlen_attention_falls_back(model_dir: Path) -> None:
+    assert not enable_varlen_attention(torch.nn.Linear(2, 2))
+    sliding = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+            attn_implementation="sdpa",
+        )
+    )
+    assert not enable_varlen_attention(sliding) and sliding.config._attn_implementation == "sdpa"
+    model = _load(model_dir)
+    model.config._attn_implementation = "flex_attention"  # builds its own block mask: left alone
+    assert not enable_varlen_attention(model) and model.config._attn_implementation == "flex_attention"
+
+
+def _dense_reference(q, k, v, seq_lens, scale):
+    """fp64 attention with the explicit block-diagonal causal [T, T] mask."""
+    seq = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
+    pos = torch.arange(seq.numel())
+    allowed = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, -1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
+def test_varlen_causal_attention_matches_dense(heads: int, kv_heads: int) -> None:
+    gen = torch.Generator().manual_seed(heads)
+    seq_lens = [5, 0, 1, 17, 3]
+    t, d = sum(seq_lens), 24
+    q = torch.randn(1, heads, t, d, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(1, kv_heads, t, d, dtype=torch.float64, generator=gen) for _ in range(2))
+    out = varlen_causal_attention(q, k, v, seq_lens, scaling=0.3)
+    assert out.shape == (1, t, heads, d)
+    torch.testing.assert_close(out, _dense_reference(q, k, v, seq_lens, 0.3), rtol=0, atol=1e-12)
+
+
+def test_varlen_causal_attention_rejects_bad_input() -> None:
+    q = torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="seq_lens"):
+        varlen_causal_attention(q, q, q, [2, 3])
+    with pytest.raises(ValueError, match="seq_lens"):
+        varlen_causal_attention(q, q, q, [7, -1])
+    with pytest.raises(ValueError, match="query"):
+        varlen_causal_attention(q.expand(2, -1, -1, -1), q, q, [6])
+    assert torch.equal(
+        varlen_causal_attention(q, q, q, [6]), F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2)
+    )
