@@ -105,10 +105,13 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    """Behaviour-enhanced SFT on teacher trajectories (loss on assistant tokens only)."""
+    """Behaviour-enhanced SFT on teacher trajectories (loss on assistant tokens only). ``num_trajectories``
+    counts episodes the teacher solved; ``teacher_style`` picks its narration (``concise``: two-line
+    ``<think>`` blocks, for tiny models; supported by teachers that take a ``style`` argument)."""
 
     enabled: bool = True
     teacher: str = "scripted"
+    teacher_style: Literal["full", "concise"] = "full"
     num_trajectories: int = 256
     epochs: int = 2
     micro_batch_tokens: int = 8192

@@ -51,6 +51,7 @@ def test_algo_preset_then_explicit_shaping(name: str) -> None:
         (["optim.lr=0"], "'optim.lr' must be > 0"),
         (["sft.optim.min_lr_ratio=2"], "'sft.optim.min_lr_ratio'"),
         (["sft.eval_fraction=1.0"], "'sft.eval_fraction'"),
+        (["sft.teacher_style=terse"], "'sft.teacher_style' must be one of"),
         (["checkpoint.keep_last=-1"], "'checkpoint.keep_last'"),
         (["train"], "must look like"),
         (["train=3"], "'train' must be a mapping"),

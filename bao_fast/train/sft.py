@@ -1,7 +1,8 @@
 """``bao-fast sft``: behaviour-enhanced SFT (BAO.md stage 1) on scripted-teacher trajectories.
 
-The gym's teacher solves training tasks and writes retrospective reasoning and prospective planning into
-``<think>`` blocks. Each episode is turned into the same token stream a rollout produces (opening prompt
+The gym's teacher plays training tasks and writes retrospective reasoning and prospective planning into
+``<think>`` blocks (``sft.teacher_style``: full or concise narration); only the episodes it solved are kept.
+Each episode is turned into the same token stream a rollout produces (opening prompt
 from the chat template, every assistant message + eos as a trained segment, every feedback wrapped by the
 template's turn markers; ``bao_fast.rollout.ChatFormat``), packed without padding, and the policy is fully
 fine-tuned with the mean negative log-likelihood of the assistant tokens. A held-out fraction gives the
@@ -11,18 +12,20 @@ eval loss after every epoch. The result is exported as a HF checkpoint at ``<run
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from bao_fast.config import Config, config_to_dict, load_config, save_config
+from bao_fast.config import Config, ConfigError, config_to_dict, load_config, save_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
-from bao_fast.envs import make_tasks, make_teacher
+from bao_fast.envs import TEACHERS, make_tasks, make_teacher
 from bao_fast.models import load_tokenizer
 from bao_fast.rollout import ChatFormat
 from bao_fast.train.checkpoint import export_hf
@@ -33,6 +36,7 @@ from bao_fast.train.runtime import derive_seed, initial_model, lockstep, seed_ev
 
 Segments = list[tuple[str, list[int]]]
 SFT_MODEL_DIR = "sft-model"
+MAX_ATTEMPTS_PER_TRAJECTORY = 4
 
 
 def messages_to_segments(fmt: ChatFormat, messages: list[dict[str, str]]) -> Segments:
@@ -55,19 +59,45 @@ def messages_to_segments(fmt: ChatFormat, messages: list[dict[str, str]]) -> Seg
     return segments
 
 
+def sft_teacher(cfg: Config) -> Any:
+    """The teacher named by ``sft.teacher`` (``scripted``: the gym's own), narrating in ``sft.teacher_style``."""
+    name = cfg.sft.teacher if cfg.sft.teacher != "scripted" else cfg.env.name
+    kwargs: dict[str, Any] = {"max_turns": cfg.env.max_turns, "seed": cfg.seed}
+    if cfg.sft.teacher_style != "full":
+        factory = TEACHERS.get(name)
+        if factory is None or "style" not in inspect.signature(factory).parameters:
+            raise ConfigError(
+                f"config key 'sft.teacher_style': the {name!r} teacher only writes the 'full' style, "
+                f"got {cfg.sft.teacher_style!r}"
+            )
+        kwargs["style"] = cfg.sft.teacher_style
+    return make_teacher(name, **kwargs)
+
+
 def teacher_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[Segments]:
-    """``cfg.sft.num_trajectories`` teacher episodes over the training tasks (cycled, one seed each)."""
+    """``cfg.sft.num_trajectories`` episodes the teacher solved, over the training tasks (cycled, one seed
+    per attempt). Unsolved episodes are skipped; raises ``ValueError`` when fewer than the requested number
+    succeed in ``MAX_ATTEMPTS_PER_TRAJECTORY`` times as many attempts."""
+    n = cfg.sft.num_trajectories
     tasks = make_tasks(
         cfg.env.name, split="train", n=cfg.env.num_train_tasks, level=cfg.env.level, seed=cfg.env.seed,
         path=cfg.env.tasks_path or None,
     )
-    teacher = make_teacher(cfg.sft.teacher if cfg.sft.teacher != "scripted" else cfg.env.name,
-                           max_turns=cfg.env.max_turns, seed=cfg.seed)
+    teacher = sft_teacher(cfg)
     fmt = ChatFormat.from_tokenizer(tokenizer)
-    return [
-        messages_to_segments(fmt, teacher.solve(tasks[i % len(tasks)], seed=derive_seed(cfg.seed, 1, i)))
-        for i in range(cfg.sft.num_trajectories)
-    ]
+    data: list[Segments] = []
+    attempts = n * MAX_ATTEMPTS_PER_TRAJECTORY
+    for i in range(attempts):
+        episode = teacher.play(tasks[i % len(tasks)], seed=derive_seed(cfg.seed, 1, i))
+        if episode.success:
+            data.append(messages_to_segments(fmt, episode.messages))
+            if len(data) == n:
+                return data
+    raise ValueError(
+        f"sft.num_trajectories: the teacher solved only {len(data)} of {attempts} episodes, fewer than the "
+        f"{n} requested (env.max_turns={cfg.env.max_turns}, env.level={cfg.env.level}); lower "
+        "sft.num_trajectories or give the teacher more turns"
+    )
 
 
 def _nll_sums(policy: Policy, batch: PackedBatch, weight: float) -> tuple[torch.Tensor, float]:

@@ -86,10 +86,35 @@ def test_tight_budget_still_answers(teacher: FunctionTeacher) -> None:
     assert [c.choice for c in calls] == ["search", "answer"]
 
 
+def test_concise_style_solves_level_1_with_both_behaviours() -> None:
+    concise, full = FunctionTeacher(max_turns=6, style="concise"), FunctionTeacher(max_turns=6)
+    tasks = generate_tasks(TASKS_PER_LEVEL, 1, seed=13, split="test")
+    episodes = [concise.play(task, seed=i) for i, task in enumerate(tasks)]
+    assert sum(e.success for e in episodes) / len(tasks) >= MIN_SOLVE_RATE[1]
+    for i, (task, episode) in enumerate(zip(tasks, episodes, strict=True)):
+        calls = _assistant_calls(episode.messages)
+        assert calls == _assistant_calls(full.solve(task, seed=i))  # same decisions, shorter narration
+        for turn, m in enumerate(episode.messages[2::2], start=1):
+            think = re.fullmatch(r"<think>\n(.*)\n</think>\n<tool_call>.*</tool_call>", m["content"], re.DOTALL)
+            assert think is not None, m["content"]
+            known, plan = think.group(1).split("\n")
+            assert re.fullmatch(r"Known: .+; (\d+ rules? fits?(, \d+ answers? possible)?|no rule fits)\.", known)
+            assert re.fullmatch(r"Plan: (\d+ turns left|last turn): .+\.", plan)
+            assert f"{6 - turn + 1} turns left" in plan if turn < 6 else "last turn" in plan
+            assert len(think.group(1)) < 200
+        assert "Known: nothing yet" in episode.messages[2]["content"]
+        if episode.num_turns > 1:  # the search result is remembered in the next turn
+            assert f"the test case is {task.test_case}" in episode.messages[4]["content"]
+        if episode.success:
+            assert f"answer {calls[-1].content} now" in episode.messages[-2]["content"]
+
+
 def test_registry_and_argument_checks() -> None:
     assert isinstance(make_teacher("function", max_turns=10), FunctionTeacher)
     with pytest.raises(ValueError, match="max_turns"):
         FunctionTeacher(max_turns=1)
+    with pytest.raises(ValueError, match="style"):
+        FunctionTeacher(style="terse")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tasks"):
         solve_rate(FunctionTeacher(), [])
 

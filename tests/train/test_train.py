@@ -111,7 +111,7 @@ def test_resume_after_stop_reproduces_the_next_step(hf_run: Path, tmp_path: Path
 def test_sft_cli_trains_on_teacher_episodes(tmp_path: Path) -> None:
     run_dir = tmp_path / "sft"
     cmd = [sys.executable, "-m", "bao_fast.cli", "sft", "--config", DEMO_CONFIG, f"run_dir={run_dir}",
-           "env.max_turns=2", "sft.num_trajectories=5", "sft.epochs=2", "sft.batch_trajectories=2",
+           "sft.num_trajectories=5", "sft.epochs=2", "sft.batch_trajectories=2",
            "sft.eval_fraction=0.2", "sft.micro_batch_tokens=1600", "sft.optim.warmup_steps=2",
            "logging.progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)

@@ -12,6 +12,11 @@ Strategy, played against a real :class:`FunctionGym` through its text interface 
 3. ``answer`` as soon as all survivors agree on the test case, or when the budget runs out (then the
    best-supported value; a wrong answer eliminates the rules that predicted it). If no rule survives the
    task is outside the grammar and the teacher ends the episode with ``finish`` instead of guessing.
+
+Two narration styles make the same decisions: ``full`` (default) writes the whole memory (every observation,
+example surviving rules, the spread of test-case predictions) and a reasoned plan; ``concise`` writes the
+same two behaviours in two short lines, ``Known: <latest observation>; <N> rules fit, <M> answers
+possible.`` and ``Plan: <k> turns left: <next move>.``, a format a tiny model can learn from few examples.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -29,7 +35,10 @@ from bao_fast.envs.base import format_tool_call
 from bao_fast.envs.function import FunctionGym, FunctionTask
 from bao_fast.envs.function_grammar import TEMPLATES, VARIABLES, RuleTemplate
 
-__all__ = ["FunctionTeacher", "TeacherEpisode", "solve_rate"]
+__all__ = ["FunctionTeacher", "TeacherEpisode", "TeacherStyle", "solve_rate"]
+
+TeacherStyle = Literal["full", "concise"]
+_STYLES: tuple[str, ...] = ("full", "concise")
 
 _RESULT = re.compile(r"^f\(([^)]*)\) (?:= (\S+)|(is undefined|is too large))")
 _TEST_CASE = re.compile(r"The test case is \((-?\d+), (-?\d+), (-?\d+), (-?\d+)\)")
@@ -108,18 +117,24 @@ class FunctionTeacher:
         max_turns: the turn budget of the gym it plays (15 in BAO/UserRL).
         seed: base seed of the candidate probe points and of the phrasing variants.
         num_candidates: random probe points considered per episode.
+        style: ``"full"`` or ``"concise"`` narration of the ``<think>`` blocks (same decisions).
     """
 
     name = "function"
 
-    def __init__(self, max_turns: int = 15, seed: int = 0, num_candidates: int = 48) -> None:
+    def __init__(
+        self, max_turns: int = 15, seed: int = 0, num_candidates: int = 48, style: TeacherStyle = "full"
+    ) -> None:
         if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 2:
             raise ValueError(f"max_turns must be an int >= 2 (search + answer), got {max_turns!r}")
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates!r}")
+        if style not in _STYLES:
+            raise ValueError(f"style must be one of {list(_STYLES)}, got {style!r}")
         self.max_turns = max_turns
         self.seed = seed
         self.num_candidates = num_candidates
+        self.style = style
         self.hypotheses = _Hypotheses(TEMPLATES)
 
     def solve(self, task: FunctionTask, seed: int | None = None) -> list[dict[str, str]]:
@@ -131,7 +146,7 @@ class FunctionTeacher:
         ``<think>reasoning</think>\\n<tool_call>{json}</tool_call>``, user turns the gym's feedback."""
         gym = FunctionGym(max_turns=self.max_turns)
         messages = gym.reset(task, seed)
-        episode = _Episode(self, random.Random(f"{self.seed}/{seed}/{task.id}"))
+        episode = _Episode(self, f"{self.seed}/{seed}/{task.id}")
         while not gym.done:
             choice, content, thought = episode.decide(gym.num_turns + 1)
             text = f"<think>\n{thought}\n</think>\n{format_tool_call(choice, content)}"
@@ -144,10 +159,11 @@ class FunctionTeacher:
 class _Episode:
     """Belief state and narration of one episode."""
 
-    def __init__(self, teacher: FunctionTeacher, rng: random.Random) -> None:
+    def __init__(self, teacher: FunctionTeacher, seed: str) -> None:
         self.teacher = teacher
         self.hyp = teacher.hypotheses
-        self.rng = rng
+        self.rng = random.Random(f"{seed}/probes")  # decisions: independent of the narration style
+        self.phrasing = random.Random(f"{seed}/phrasing")
         self.alive = np.ones(len(self.hyp), dtype=bool)
         self.test_case: tuple[int, ...] | None = None
         self.test_pred: np.ndarray | None = None
@@ -278,7 +294,9 @@ class _Episode:
         left = total - turn + 1
         head = f"Turn {turn} of {total}."
         if self.test_case is None:
-            plan = self.rng.choice(
+            if self.teacher.style == "concise":
+                return "search", "test", self._concise(turn, "search the test case, then probe, then answer")
+            plan = self.phrasing.choice(
                 (
                     f"Plan for the {left} turns: first fetch the test case (1 turn), so I only have to separate "
                     "rules that disagree on it; then probe with small inputs and answer as soon as the "
@@ -288,41 +306,64 @@ class _Episode:
                 )
             )
             return "search", "test", f"{head} {self._memory()}\n\n{plan}"
-        memory = self._memory()
         preds = self._predictions() if self.alive.any() else []
+        concise = self.teacher.style == "concise"
         if not preds:
+            if concise:
+                return "finish", "", self._concise(turn, "no rule fits, so finish instead of guessing", preds)
             plan = (
                 f"No rule in my hypothesis space fits all observations and gives a defined value on the test "
                 f"case, so the hidden rule is outside the forms I can identify with the {left} remaining turns. "
                 "Guessing would only waste the user's effort, so I end the episode."
             )
-            return "finish", "", f"{head} {memory}\n\n{plan}"
+            return "finish", "", f"{head} {self._memory()}\n\n{plan}"
         if len(preds) == 1:
             value = format_number(preds[0][0])
+            if concise:
+                return "answer", value, self._concise(turn, f"answer {value} now", preds)
             plan = (
                 f"All surviving rules agree: f{self.test_case} = {value}. Answering now uses 1 of the "
                 f"{left} remaining turns; further probes cannot change the prediction."
             )
-            return "answer", value, f"{head} {memory}\n\n{plan}"
+            return "answer", value, f"{head} {self._memory()}\n\n{plan}"
         probe = self._best_probe() if left > 1 else None
-        summary = self._prediction_summary(preds)
         if probe is None:
             value, support = format_number(preds[0][0]), preds[0][1]
+            if concise:
+                return "answer", value, self._concise(turn, f"answer the likeliest value {value}", preds)
             reason = "this is the last turn" if left == 1 else "no probe I can make separates these rules any further"
             plan = (
                 f"{reason[0].upper()}{reason[1:]}, so I submit the best-supported value {value} "
                 f"({support} of {int(self.alive.sum())} rules); if it is wrong, those rules are refuted."
             )
-            return "answer", value, f"{head} {memory} {summary}\n\n{plan}"
+            return "answer", value, f"{head} {self._memory()} {self._prediction_summary(preds)}\n\n{plan}"
         point, score, worst = probe
         groups = max(1.0, len(preds) / max(score, 1.0))
         needed = max(1, math.ceil(math.log(len(preds)) / math.log(groups + 1.0)))
+        content = " ".join(str(x) for x in point)
+        if concise:
+            return "action", content, self._concise(turn, f"probe f{point}, then answer", preds)
         plan = (
             f"{left} turns left. Probe f{point}: it leaves about {score:.1f} candidate answers on average "
             f"and at most {worst} indistinguishable rules. I expect {needed} probe{'s' * (needed != 1)} "
             f"before the rules agree, then 1 turn to answer, leaving {max(0, left - needed - 1)} spare."
         )
-        return "action", " ".join(str(x) for x in point), f"{head} {memory} {summary}\n\n{plan}"
+        return "action", content, f"{head} {self._memory()} {self._prediction_summary(preds)}\n\n{plan}"
+
+    def _concise(self, turn: int, move: str, preds: list[tuple[float, int]] | None = None) -> str:
+        """Two-line ``<think>`` body: ``Known:`` (latest observation, surviving rules and the answers they
+        allow) and ``Plan:`` (turns left including this one, and the next ``move``)."""
+        latest = self.observations[-1] if self.observations else "nothing yet"
+        alive = int(self.alive.sum())
+        if alive == 0:
+            fit = "no rule fits"
+        else:
+            fit = "1 rule fits" if alive == 1 else f"{alive} rules fit"
+            if preds is not None:
+                fit += f", {len(preds)} answer{'s' * (len(preds) != 1)} possible"
+        left = self.teacher.max_turns - turn + 1
+        budget = "last turn" if left == 1 else f"{left} turns left"
+        return f"Known: {latest}; {fit}.\nPlan: {budget}: {move}."
 
 
 def solve_rate(teacher: FunctionTeacher, tasks: Sequence[FunctionTask]) -> float:
