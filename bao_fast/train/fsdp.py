@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,13 @@ def init_distributed() -> DistEnv:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the default process group if this process created one."""
+    """Destroy the process groups: a colocated vLLM engine's own groups first, through vLLM (its teardown at
+    interpreter exit then finds nothing left to destroy instead of failing on groups already gone), then the
+    default group."""
+    vllm_parallel_state = sys.modules.get("vllm.distributed.parallel_state")
+    if vllm_parallel_state is not None:
+        vllm_parallel_state.destroy_model_parallel()
+        vllm_parallel_state.destroy_distributed_environment()
     if dist.is_initialized():
         dist.destroy_process_group()
 
