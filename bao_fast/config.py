@@ -30,10 +30,13 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """Policy model. ``tiny: true`` creates a random-weight tiny Qwen2 (``bao_fast.models``) at ``path``
-    (default ``<run_dir>/init-model``); otherwise ``path`` is a local HF checkpoint directory."""
+    (default ``<run_dir>/init-model``) with ``tiny_layers`` decoder layers of width ``tiny_hidden_size``
+    (head_dim 64); otherwise ``path`` is a local HF checkpoint directory."""
 
     path: str = ""
     tiny: bool = False
+    tiny_hidden_size: int = 128
+    tiny_layers: int = 2
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
     use_liger: bool = True
@@ -314,6 +317,9 @@ def validate(cfg: Config) -> Config:
     m, e, r, t = cfg.model, cfg.env, cfg.rollout, cfg.train
     _require(m.tiny or bool(m.path), "model.path", "must name a local HF checkpoint directory (or set model.tiny)")
     _require(bool(cfg.run_dir), "run_dir", "must not be empty")
+    _require(m.tiny_hidden_size >= 64 and m.tiny_hidden_size % 64 == 0, "model.tiny_hidden_size",
+             f"must be a positive multiple of 64 (head_dim 64), got {m.tiny_hidden_size}")
+    _require(m.tiny_layers >= 1, "model.tiny_layers", f"must be >= 1, got {m.tiny_layers}")
     _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
     _require(e.num_train_tasks >= 1, "env.num_train_tasks", f"must be >= 1, got {e.num_train_tasks}")
     _require(e.num_eval_tasks >= 1, "env.num_eval_tasks", f"must be >= 1, got {e.num_eval_tasks}")

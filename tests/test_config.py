@@ -53,6 +53,8 @@ def test_algo_preset_then_explicit_shaping(name: str) -> None:
         (["sft.eval_fraction=1.0"], "'sft.eval_fraction'"),
         (["sft.teacher_style=terse"], "'sft.teacher_style' must be one of"),
         (["checkpoint.keep_last=-1"], "'checkpoint.keep_last'"),
+        (["model.tiny_hidden_size=100"], "'model.tiny_hidden_size' must be a positive multiple of 64"),
+        (["model.tiny_layers=0"], "'model.tiny_layers' must be >= 1"),
         (["train"], "must look like"),
         (["train=3"], "'train' must be a mapping"),
     ],

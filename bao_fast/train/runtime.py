@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bao_fast.config import Config
-from bao_fast.models import create_tiny_model
+from bao_fast.config import Config, ModelConfig
+from bao_fast.models import TinyModelSpec, create_tiny_model
 from bao_fast.train.fsdp import DistEnv
 
 T = TypeVar("T")
@@ -73,6 +73,18 @@ class TaskSampler:
         self._order = self._permutation(self.epoch)
 
 
+def tiny_spec(model: ModelConfig) -> TinyModelSpec:
+    """Shape of the tiny model ``model.tiny`` creates: head_dim 64, one KV head per two query heads."""
+    heads = max(1, model.tiny_hidden_size // 64)
+    return TinyModelSpec(
+        hidden_size=model.tiny_hidden_size,
+        num_hidden_layers=model.tiny_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        intermediate_size=2 * model.tiny_hidden_size,
+    )
+
+
 def initial_model(cfg: Config, env: DistEnv) -> Path:
     """The HF checkpoint training starts from: ``model.path``, or (``model.tiny``) a random tiny Qwen2
     created once by rank 0 under ``model.path`` or ``<run_dir>/init-model``."""
@@ -83,7 +95,7 @@ def initial_model(cfg: Config, env: DistEnv) -> Path:
         return path
     path = Path(cfg.model.path or Path(cfg.run_dir) / "init-model")
     if env.is_main:
-        create_tiny_model(path, seed=cfg.seed)
+        create_tiny_model(path, spec=tiny_spec(cfg.model), seed=cfg.seed)
     dist.barrier()
     return path
 
