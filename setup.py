@@ -83,7 +83,11 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["bao_fast", "bao_fast.*"]), "bao_fast.kernels", "bao_fast.configs"],
     package_dir={"bao_fast.kernels": "kernels", "bao_fast.configs": "configs"},
-    package_data={"bao_fast": ["assets/tokenizer/*"], "bao_fast.configs": ["*.yaml"]},
+    package_data={
+        "bao_fast": ["assets/tokenizer/*"],
+        "bao_fast.configs": ["*.yaml"],
+        "bao_fast.kernels": ["tuned/*.json"],
+    },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=CORE,

@@ -65,7 +65,8 @@ def kernel_specs(dtype: torch.dtype) -> dict[str, aot.KernelSpec]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    aot.run_cli(argv, "AOT-compile the shaped-advantage kernels and report on them", kernel_specs, DTYPES)
+    description = "AOT-compile the shaped-advantage kernels and report on them"
+    aot.run_cli(argv, description, lambda arch, dtype: kernel_specs(dtype), DTYPES)
 
 
 if __name__ == "__main__":

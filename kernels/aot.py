@@ -218,10 +218,10 @@ def compile_kernels(jobs: Mapping[str, tuple[KernelSpec, int]], workers: int = 1
 def run_cli(
     argv: Sequence[str] | None,
     description: str,
-    specs: Callable[[torch.dtype], Mapping[str, KernelSpec]],
+    specs: Callable[[int, torch.dtype], Mapping[str, KernelSpec]],
     dtypes: Sequence[str],
 ) -> None:
-    """Command line of a per-module check: compile ``specs(dtype)`` for every ``--arch`` x ``--dtype``, print
+    """Command line of a per-module check: compile ``specs(arch, dtype)`` for every ``--arch`` x ``--dtype``, print
     one JSON line ``{"sm90/float32/<name>": KernelReport fields}`` and each report's problems on stderr."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_MEMORY_LIMITS), default=[80, 90])
@@ -232,7 +232,7 @@ def run_cli(
         f"sm{arch}/{dtype}/{name}": (spec, arch)
         for arch in args.arch
         for dtype in args.dtype
-        for name, spec in specs(getattr(torch, dtype)).items()
+        for name, spec in specs(arch, getattr(torch, dtype)).items()
     }
     reports = compile_kernels(jobs, args.workers)
     for name, report in reports.items():

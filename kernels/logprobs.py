@@ -53,10 +53,11 @@ def _grouped_tile(num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _row_index(rows_ptr, offs, mask, HAS_ROWS: tl.constexpr):
-    """int64 hidden-state rows of compact row positions ``offs``: ``rows[offs]``, or ``offs`` itself."""
+    """int64 hidden-state rows of compact row positions ``offs``: ``rows[offs]``, or ``offs`` itself; row 0
+    where ``mask`` is false, so loads through the result need no mask."""
     if HAS_ROWS:
         return tl.load(rows_ptr + offs, mask=mask, other=0)
-    return offs.to(tl.int64)
+    return tl.where(mask, offs, 0).to(tl.int64)
 
 
 @triton.jit
@@ -65,7 +66,6 @@ def _logit_tile(
     w_ptr,
     b_ptr,
     row_idx,
-    mask_m,
     offs_n,
     mask_n,
     H,
@@ -73,27 +73,36 @@ def _logit_tile(
     stride_hh,
     stride_wv,
     stride_wh,
-    inv_temp,
+    scale,
     HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``(hidden[row_idx] @ weight[offs_n].T + bias) / T``."""
+    """fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``(hidden[row_idx] @ weight[offs_n].T + bias) * scale``.
+
+    ``row_idx`` must be in range for every row (``_row_index`` maps padded rows to row 0); padded columns
+    (``mask_n`` false) read weight row 0 and hold garbage the caller masks. ``EVEN_K``: ``H % BLOCK_K == 0``,
+    so the operand loads carry no predicate at all, which keeps the tile's registers down.
+    """
     offs_k = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + row_idx.to(tl.int64)[:, None] * stride_hn
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wv
+    w_rows = w_ptr + tl.where(mask_n, offs_n, 0).to(tl.int64)[:, None] * stride_wv
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + offs_k
-        mask_k = kk < H
-        a = tl.load(h_rows + kk[None, :] * stride_hh, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_rows + kk[None, :] * stride_wh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(h_rows + kk[None, :] * stride_hh)
+            b = tl.load(w_rows + kk[None, :] * stride_wh)
+        else:
+            a = tl.load(h_rows + kk[None, :] * stride_hh, mask=(kk < H)[None, :], other=0.0)
+            b = tl.load(w_rows + kk[None, :] * stride_wh, mask=(kk < H)[None, :], other=0.0)
         acc = _dot(a, tl.trans(b), acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    return acc * inv_temp
+    return acc * scale
 
 
 @triton.jit
@@ -116,6 +125,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -123,8 +133,8 @@ def _fwd_kernel(
 ):
     """Per-split online statistics of rows ``pid_m`` tile over vocab ``[pid_s*split_cols, +split_cols)``.
 
-    Writes ``part[0..3, pid_s, k]`` = (running max in log2 units, sum 2^(z*log2e - max),
-    sum of p*z unnormalised, target logit or 0).
+    Writes ``part[0..3, pid_s, k]``, all in log2 units (``z2 = z * log2(e)``): (max of z2, sum of
+    2^(z2 - max), sum of 2^(z2 - max) * z2, target z2 or 0).
     """
     pid_s = tl.program_id(0)  # splits of one row tile run side by side: they share its hidden rows in L2
     pid_m = tl.program_id(1)
@@ -132,7 +142,7 @@ def _fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < K
     row_idx = _row_index(rows_ptr, offs_m, mask_m, HAS_ROWS)
-    tgt = tl.load(tgt_ptr + row_idx, mask=mask_m, other=-1)
+    tgt = tl.load(tgt_ptr + row_idx, mask=mask_m, other=-1).to(tl.int32)  # int32: cheaper 2-D compares
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -140,23 +150,23 @@ def _fwd_kernel(
     z_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     v_lo = pid_s * split_cols
     v_hi = tl.minimum(v_lo + split_cols, V)
+    scale = inv_temp * _LOG2E  # the loop works in log2 units: z2 = z * log2(e)
     for v0 in range(v_lo, v_hi, BLOCK_N):
         offs_n = v0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < v_hi
-        z = _logit_tile(
-            h_ptr, w_ptr, b_ptr, row_idx, mask_m, offs_n, mask_n, H,
-            stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
-            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+        z2 = _logit_tile(
+            h_ptr, w_ptr, b_ptr, row_idx, offs_n, mask_n, H,
+            stride_hn, stride_hh, stride_wv, stride_wh, scale,
+            HAS_BIAS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
-        z = tl.where(mask_n[None, :], z, float("-inf"))
-        z2 = z * _LOG2E
+        z2 += tl.where(mask_n, 0.0, -1.0e30)[None, :]  # finite: p * z2 stays 0 on padded columns
         m_new = tl.maximum(m_i, tl.max(z2, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(z2 - m_new[:, None])
         s_i = s_i * alpha + tl.sum(p, axis=1)
         if WITH_ENTROPY:
-            t_i = t_i * alpha + tl.sum(p * tl.where(mask_n[None, :], z, 0.0), axis=1)
-        z_tgt += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), axis=1)
+            t_i = t_i * alpha + tl.sum(p * z2, axis=1)
+        z_tgt += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z2, 0.0), axis=1)
         m_i = m_new
     stride_q = num_splits * K
     base = part_ptr + pid_s * K + offs_m
@@ -202,9 +212,9 @@ def _combine_kernel(
     row_idx = _row_index(rows_ptr, offs, mask, HAS_ROWS)
     valid = tl.load(tgt_ptr + row_idx, mask=mask, other=ignore_index) != ignore_index
     tl.store(lse_ptr + offs, lse, mask=mask)
-    tl.store(logp_ptr + row_idx, tl.where(valid, z_tgt - lse, 0.0), mask=mask)
+    tl.store(logp_ptr + row_idx, tl.where(valid, z_tgt * _LN2 - lse, 0.0), mask=mask)
     if WITH_ENTROPY:
-        tl.store(ent_ptr + row_idx, tl.where(valid, lse - t_tot / s_tot, 0.0), mask=mask)
+        tl.store(ent_ptr + row_idx, tl.where(valid, lse - t_tot / s_tot * _LN2, 0.0), mask=mask)
 
 
 @triton.jit
@@ -233,6 +243,7 @@ def _dlogits_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     HAS_GENT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -253,12 +264,12 @@ def _dlogits_kernel(
     g = tl.where(valid, tl.load(glogp_ptr + row_idx, mask=mask_m, other=0.0), 0.0)
 
     z = _logit_tile(
-        h_ptr, w_ptr, b_ptr, row_idx, mask_m, offs_n, mask_j, H,
+        h_ptr, w_ptr, b_ptr, row_idx, offs_n, mask_j, H,
         stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
-        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+        HAS_BIAS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )  # fmt: skip
     p = tl.exp2((z - lse[:, None]) * _LOG2E)
-    dz = g[:, None] * (tl.where(offs_n[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    dz = g[:, None] * (tl.where(offs_n[None, :] == tgt.to(tl.int32)[:, None], 1.0, 0.0) - p)
     if HAS_GENT:
         e = tl.where(valid, tl.load(gent_ptr + row_idx, mask=mask_m, other=0.0), 0.0)
         mean_z = lse - tl.load(ent_ptr + row_idx, mask=mask_m, other=0.0)
@@ -396,14 +407,14 @@ def _num_rows(rows: torch.Tensor | None, n: int) -> int:
     return n if rows is None else rows.shape[0]
 
 
-def _default_splits(device: torch.device, vocab_tiles: int) -> int:
-    """Vocab splits of the forward (one on the interpreter). About ``SMs / 8`` splits: the programs running
-    together then cover ~8 row tiles x all splits, so their hidden rows and weight tiles both stay in L2,
-    and the grid has ``splits x row tiles`` programs to fill the GPU even for short batches."""
+def _default_splits(device: torch.device, vocab_tiles: int, divisor: int) -> int:
+    """Vocab splits of the forward (one on the interpreter): about ``SMs / divisor``. With the default 8 the
+    programs running together cover ~8 row tiles x all splits, so their hidden rows and weight tiles both
+    stay in L2, and the grid has ``splits x row tiles`` programs to fill the GPU even for short batches."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(vocab_tiles, sms // 8))
+    return max(1, min(vocab_tiles, sms // divisor))
 
 
 def logprobs_forward(
@@ -433,7 +444,7 @@ def logprobs_forward(
     t = tiles.fwd
     row_tiles = triton.cdiv(k, t.block_m)
     vocab_tiles = triton.cdiv(v, t.block_n)
-    splits = num_splits or _default_splits(hidden.device, vocab_tiles)
+    splits = num_splits or _default_splits(hidden.device, vocab_tiles, tiles.fwd_split_divisor)
     split_cols = triton.cdiv(vocab_tiles, splits) * t.block_n
     splits = triton.cdiv(v, split_cols)
     alloc = torch.empty if rows is None else torch.zeros
@@ -449,7 +460,8 @@ def logprobs_forward(
         k, v, h, split_cols,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, WITH_ENTROPY=with_entropy,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, PRECISION=_precision(hidden.dtype),
+        EVEN_K=h % t.block_k == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        PRECISION=_precision(hidden.dtype),
         **_launch(t),
     )  # fmt: skip
     block = 128
@@ -523,7 +535,8 @@ def logprobs_backward(
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dl.stride(0),
             1.0 / temperature, ignore_index,
             HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, HAS_GENT=has_gent,
-            BLOCK_M=td.block_m, BLOCK_N=td.block_n, BLOCK_K=td.block_k, GROUP_M=td.group_m, PRECISION=prec,
+            EVEN_K=h % td.block_k == 0, BLOCK_M=td.block_m, BLOCK_N=td.block_n, BLOCK_K=td.block_k,
+            GROUP_M=td.group_m, PRECISION=prec,
             **_launch(td),
         )  # fmt: skip
         if dw is not None:

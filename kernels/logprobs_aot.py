@@ -1,27 +1,27 @@
 """Ahead-of-time compilation of the log-prob kernels for a GPU architecture, without a GPU.
 
-Compiles every kernel of ``bao_fast.kernels.logprobs`` with the tiles ``tiles_for_arch`` picks, down to a
-cubin (Triton's bundled ptxas), and reports shared memory, registers, spills and whether the main loops became
-tensor-core MMAs fed by asynchronous copies. Use it to check tile configs (shared-memory fit, pipelining) on a
-machine without the target GPU. Arguments are specialised the way a real launch specialises them: unit strides
-are constants and pointers / leading strides are 16-byte aligned.
+Compiles every kernel of ``bao_fast.kernels.logprobs`` with the tiles ``tiles_for_arch`` picks (a tuned file
+when one exists, else the defaults), with every feature flag off and every flag on, down to a cubin (Triton's
+bundled ptxas), and reports shared memory, registers, spills and whether the main loops became tensor-core MMAs
+fed by asynchronous copies. Use it to check tile configs (shared-memory fit, no spills) on a machine without
+the target GPU. Arguments are specialised the way a real launch specialises them: unit strides are constants
+and pointers / leading strides are 16-byte aligned.
 
-    python -m bao_fast.kernels.logprobs_aot --arch 90 --dtype bfloat16
+    python -m bao_fast.kernels.logprobs_aot --arch 80 90 --dtype bfloat16 float32
 
 Needs the JIT, so ``TRITON_INTERPRET`` must not be set.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict
+from collections.abc import Sequence
 
 import torch
 from bao_fast.kernels import aot
 from bao_fast.kernels import logprobs as lk
-from bao_fast.kernels.logprobs_configs import Tile, tiles_for_arch
+from bao_fast.kernels.logprobs_configs import LogprobTiles, Tile, tiles_for_arch
 
+DTYPES = ("bfloat16", "float16", "float32")
 _SCALARS = {
     "K": int, "V": int, "H": int, "split_cols": int, "v_lo": int, "V_CHUNK": int, "num_splits": int,
     "inv_temp": float, "ignore_index": "i64",
@@ -30,27 +30,31 @@ _F32_POINTERS = ("part_ptr", "logp_ptr", "ent_ptr", "lse_ptr", "glogp_ptr", "gen
 _INT_POINTERS = ("tgt_ptr", "rows_ptr")
 _UNIT_STRIDES = ("stride_hh", "stride_wh", "stride_dwh", "stride_dhh")
 _ALIGNED_SCALARS = ("H", "V_CHUNK")
+# Feature flags of each kernel; each is compiled with all of them off and all of them on.
+_FLAGS = {
+    "fwd": ("HAS_BIAS", "HAS_ROWS", "WITH_ENTROPY", "EVEN_K"),
+    "combine": ("HAS_ROWS", "WITH_ENTROPY"),
+    "dlogits": ("HAS_BIAS", "HAS_ROWS", "HAS_GENT", "EVEN_K"),
+    "dw": ("HAS_ROWS", "HAS_BIAS"),
+    "dh": ("HAS_ROWS", "FIRST", "LAST"),
+}
 
 
-def _tile_args(tile: Tile, m: str, n: str, k: str) -> dict[str, int]:
-    return {m: tile.block_m, n: tile.block_n, k: tile.block_k, "GROUP_M": tile.group_m}
+def _tile_args(tile: Tile, m: str, n: str, k: str, group: bool = True) -> dict[str, int]:
+    args = {m: tile.block_m, n: tile.block_n, k: tile.block_k}
+    return {**args, "GROUP_M": tile.group_m} if group else args
 
 
-def _kernels(major: int, dtype: torch.dtype) -> dict[str, tuple[object, dict[str, object], Tile | None]]:
-    """name -> (jit kernel, constexpr arguments, tile) with every feature flag on."""
-    tiles = tiles_for_arch(major, dtype)
-    prec = lk._precision(dtype)
+def _kernels(tiles: LogprobTiles, dtype: torch.dtype) -> dict[str, tuple[object, dict[str, object], Tile | None]]:
+    """name -> (jit kernel, constexpr arguments other than the feature flags, tile)."""
+    prec = {"PRECISION": lk._precision(dtype)}
     return {
-        "fwd": (lk._fwd_kernel, {"HAS_BIAS": True, "HAS_ROWS": True, "WITH_ENTROPY": True, "PRECISION": prec,
-                                 "BLOCK_M": tiles.fwd.block_m, "BLOCK_N": tiles.fwd.block_n,
-                                 "BLOCK_K": tiles.fwd.block_k}, tiles.fwd),
-        "combine": (lk._combine_kernel, {"HAS_ROWS": True, "WITH_ENTROPY": True, "BLOCK": 128}, None),
-        "dlogits": (lk._dlogits_kernel, {"HAS_BIAS": True, "HAS_ROWS": True, "HAS_GENT": True, "PRECISION": prec,
-                                         **_tile_args(tiles.dlogits, "BLOCK_M", "BLOCK_N", "BLOCK_K")}, tiles.dlogits),
-        "dw": (lk._dw_kernel, {"HAS_ROWS": True, "HAS_BIAS": True, "PRECISION": prec,
-                               **_tile_args(tiles.dw, "BLOCK_V", "BLOCK_H", "BLOCK_R")}, tiles.dw),
-        "dh": (lk._dh_kernel, {"HAS_ROWS": True, "FIRST": False, "LAST": True, "PRECISION": prec,
-                               **_tile_args(tiles.dh, "BLOCK_M", "BLOCK_H", "BLOCK_V")}, tiles.dh),
+        "fwd": (lk._fwd_kernel, {**prec, **_tile_args(tiles.fwd, "BLOCK_M", "BLOCK_N", "BLOCK_K", False)}, tiles.fwd),
+        "combine": (lk._combine_kernel, {"BLOCK": 128}, None),
+        "dlogits": (lk._dlogits_kernel, {**prec, **_tile_args(tiles.dlogits, "BLOCK_M", "BLOCK_N", "BLOCK_K")},
+                    tiles.dlogits),
+        "dw": (lk._dw_kernel, {**prec, **_tile_args(tiles.dw, "BLOCK_V", "BLOCK_H", "BLOCK_R")}, tiles.dw),
+        "dh": (lk._dh_kernel, {**prec, **_tile_args(tiles.dh, "BLOCK_M", "BLOCK_H", "BLOCK_V")}, tiles.dh),
     }  # fmt: skip
 
 
@@ -76,24 +80,19 @@ def _spec(fn, dtype: torch.dtype, constexprs: dict[str, object], tile: Tile | No
     return aot.launch_spec(fn, args, constexprs, unit=_UNIT_STRIDES, aligned=(*strides, *_ALIGNED_SCALARS), **options)
 
 
-def compile_kernels(arch: int, dtype: torch.dtype, names: list[str] | None = None) -> dict[str, aot.KernelReport]:
-    """Compile the kernels (all, or ``names``) for ``sm_{arch}`` (e.g. 90) and report on each."""
-    jobs = {
-        name: (_spec(fn, dtype, constexprs, tile), arch)
-        for name, (fn, constexprs, tile) in _kernels(arch // 10, dtype).items()
-        if names is None or name in names
-    }
-    return aot.compile_kernels(jobs)
+def kernel_specs(arch: int, dtype: torch.dtype, tiles: LogprobTiles | None = None) -> dict[str, aot.KernelSpec]:
+    """``"<kernel>:flags=off|on"`` -> spec, for ``sm_{arch}`` with ``tiles`` (default: ``tiles_for_arch``)."""
+    tiles = tiles or tiles_for_arch((arch // 10, arch % 10), dtype)
+    specs = {}
+    for name, (fn, constexprs, tile) in _kernels(tiles, dtype).items():
+        for on in (False, True):
+            flags = dict.fromkeys(_FLAGS[name], on)
+            specs[f"{name}:flags={'on' if on else 'off'}"] = _spec(fn, dtype, {**constexprs, **flags}, tile)
+    return specs
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="AOT-compile the log-prob kernels and report on them")
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 80, 86, 89, 90")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    parser.add_argument("--kernels", nargs="*", default=None, help="subset of: fwd combine dlogits dw dh")
-    args = parser.parse_args(argv)
-    reports = compile_kernels(args.arch, getattr(torch, args.dtype), args.kernels)
-    print(json.dumps({name: asdict(r) for name, r in reports.items()}))
+def main(argv: Sequence[str] | None = None) -> None:
+    aot.run_cli(argv, "AOT-compile the log-prob kernels and report on them", kernel_specs, DTYPES)
 
 
 if __name__ == "__main__":

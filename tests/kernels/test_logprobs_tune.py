@@ -1,0 +1,136 @@
+"""The tile tuner (``python -m bao_fast.kernels.logprobs_tune``), run on the Triton interpreter with tiny shapes:
+it picks the fastest candidate of each knob, never one whose outputs are wrong, and writes a file
+``load_tiles`` reads back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from bao_fast.kernels import logprobs_tune
+from bao_fast.kernels.logprobs import logprobs_backward, logprobs_forward
+from bao_fast.kernels.logprobs_configs import INTERPRETER_TILES, LogprobTiles, load_tiles
+from bao_fast.kernels.logprobs_tune import Problem, candidate_tiles, tune
+
+from bao_fast.ops.reference import token_logprobs_reference
+
+
+def _problem(dtype: torch.dtype = torch.float32) -> Problem:
+    return Problem.random(37, 40, 101, dtype, torch.device("cpu"), seed=3)
+
+
+def _fake_cost(tiles: LogprobTiles) -> float:
+    """A deterministic 'time' that prefers a known tile per knob, so the search result is predictable."""
+    cost = 0.0
+    cost += 0 if tiles.fwd.block_m == 32 else 1
+    cost += 0 if tiles.fwd_split_divisor == 4 else 1
+    cost += 0 if tiles.dw.block_k == 32 else 1
+    cost += 0 if tiles.dw.group_m == 16 else 1
+    cost += 0 if tiles.chunk_bytes == 1 << 16 else 1
+    return cost
+
+
+def test_descent_picks_the_fastest_option_of_every_knob(monkeypatch) -> None:
+    costs: dict[int, float] = {}
+
+    class CostedProblem(Problem):
+        """Remembers the cost of the tiles each launch used; the patched timer reads it back."""
+
+        def forward(self, tiles):
+            costs[0] = _fake_cost(tiles)
+            return super().forward(tiles)
+
+        def backward(self, tiles, entropy, lse):
+            costs[0] = _fake_cost(tiles)
+            return super().backward(tiles, entropy, lse)
+
+    def fake_time(fn, device, repeats):
+        fn()
+        return costs[0]
+
+    monkeypatch.setattr(logprobs_tune, "time_ms", fake_time)
+    problem = CostedProblem(**{f: getattr(_problem(), f) for f in Problem.__dataclass_fields__})
+    best, trials = tune(problem, INTERPRETER_TILES, repeats=1, kernels=("fwd", "dw"))
+
+    assert best.fwd.block_m == 32 and best.fwd_split_divisor == 4
+    assert best.dw.block_k == 32 and best.dw.group_m == 16
+    assert best.chunk_bytes == 1 << 16
+    assert best.dlogits == INTERPRETER_TILES.dlogits and best.dh == INTERPRETER_TILES.dh  # not tuned
+    knobs = {t.knob for t in trials}
+    assert knobs == {"fwd.tile", "fwd.split_divisor", "dw.tile", "dw.group_m", "chunk_bytes"}
+    assert len([t for t in trials if t.knob == "fwd.tile"]) == 1 + len(candidate_tiles(torch.float32))
+    assert all(t.median_ms is not None and t.error == "" for t in trials)
+
+
+def test_candidates_with_wrong_outputs_are_rejected(monkeypatch) -> None:
+    costs: dict[int, float] = {}
+
+    class BrokenProblem(Problem):
+        """With 32-row tiles the forward 'miscompiles' (NaN logp) and would be the fastest."""
+
+        def forward(self, tiles):
+            logp, entropy, lse = super().forward(tiles)
+            costs[0] = 0.0 if tiles.fwd.block_m == 32 else 1.0
+            if tiles.fwd.block_m == 32:
+                logp = torch.full_like(logp, float("nan"))
+            return logp, entropy, lse
+
+    def fake_time(fn, device, repeats):
+        fn()
+        return costs[0]
+
+    monkeypatch.setattr(logprobs_tune, "time_ms", fake_time)
+    problem = BrokenProblem(**{f: getattr(_problem(), f) for f in Problem.__dataclass_fields__})
+    best, trials = tune(problem, INTERPRETER_TILES, repeats=1, kernels=("fwd",))
+
+    broken = [t for t in trials if t.knob == "fwd.tile" and t.value.startswith("32x")]
+    assert broken and all(t.median_ms is None and "differs" in t.error for t in broken)
+    assert best.fwd.block_m != 32
+
+
+def test_tuned_tiles_match_the_fp64_reference() -> None:
+    problem = _problem(torch.bfloat16)
+    best, trials = tune(problem, INTERPRETER_TILES, repeats=1)
+    assert {t.knob for t in trials} >= {"fwd.tile", "dlogits.tile", "dw.tile", "dh.tile", "chunk_bytes"}
+    assert any(t.median_ms is not None for t in trials)
+
+    logp, entropy, lse = logprobs_forward(
+        problem.hidden, problem.weight, None, problem.targets, None,
+        temperature=1.0, ignore_index=-100, with_entropy=True, tiles=best,
+    )  # fmt: skip
+    dh, dw, _ = logprobs_backward(
+        problem.grad_logp, problem.grad_entropy, problem.hidden, problem.weight, None, problem.targets, None,
+        lse, entropy, temperature=1.0, ignore_index=-100, tiles=best,
+    )  # fmt: skip
+    leaves = [x.double().requires_grad_() for x in (problem.hidden, problem.weight)]
+    ref_logp, ref_ent = token_logprobs_reference(leaves[0], leaves[1], problem.targets, return_entropy=True)
+    ((ref_logp * problem.grad_logp.double()).sum() + (ref_ent * problem.grad_entropy.double()).sum()).backward()
+    for actual, expected in ((logp, ref_logp), (entropy, ref_ent), (dh, leaves[0].grad), (dw, leaves[1].grad)):
+        scale = max(1.0, expected.abs().max().item())
+        assert (actual.double() - expected).abs().max().item() <= 2e-2 * scale
+
+
+def test_cli_writes_a_file_load_tiles_reads(tmp_path) -> None:
+    out = tmp_path / "tiles.json"
+    argv = ["--device", "cpu", "--out", str(out), "--n", "20", "--h", "24", "--v", "50", "--dtype", "float32",
+            "--repeats", "1", "--kernels", "fwd", "dh"]  # fmt: skip
+    logprobs_tune.main(argv)
+
+    record = json.loads(out.read_text())
+    assert record["shape"] == {"n": 20, "h": 24, "v": 50} and record["dtype"] == "float32"
+    assert record["start_tiles"] == INTERPRETER_TILES.to_dict()
+    assert {t["knob"] for t in record["trials"]} >= {"fwd.tile", "dh.tile", "chunk_bytes"}
+    assert load_tiles(out) == LogprobTiles.from_dict(record["tiles"])
+    assert not out.with_suffix(".tmp").exists()
+
+
+def test_cli_errors(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        logprobs_tune.main(["--device", "cpu"])
+    assert "--out is required off CUDA" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kernels must be a subset"):
+        tune(_problem(), INTERPRETER_TILES, kernels=("fwd", "lse"))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        tune(_problem(), replace(INTERPRETER_TILES), repeats=0)
