@@ -8,9 +8,12 @@ entropy as well. Baselines that are not installed or not supported on the device
 with the reason.
 
 Reports per implementation and shape: median fwd+bwd time over ``--repeats`` runs after warm-up, effective
-TFLOP/s (``6*N*H*V`` flops), peak extra memory and max abs error of logp / entropy against the fp64
-reference. Peak memory is the CUDA allocator peak on a GPU; on the CPU it is the RSS peak of one warm fwd+bwd in
-a fresh subprocess (see ``cpu_peak_memory``).
+TFLOP/s (``6*N*H*V`` flops, PERF.md's count), peak extra memory, workspace (that peak less the gradients and
+outputs every implementation must hold) and max abs error of logp / entropy against the fp64 reference.
+``bao_fast`` recomputes the logits in its backward (the price of never storing them and of accumulating dW in
+fp32 over all rows), so it executes ``8*N*H*V`` flops; its rows also report that executed rate. Peak memory is
+the CUDA allocator peak on a GPU; on the CPU it is the RSS peak of one warm fwd+bwd in a fresh subprocess (see
+``cpu_peak_memory``).
 Writes ``benchmarks/results/logprobs-<device>.json``.
 
     python benchmarks/bench_logprobs.py                  # preset by device: gpu on CUDA, cpu otherwise
@@ -41,6 +44,7 @@ from bao_fast.ops.reference import token_logprobs_reference
 Outputs = tuple[torch.Tensor, torch.Tensor | None]
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Outputs]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXECUTED_FLOPS_FACTOR = 8  # bao_fast: forward GEMM + backward recompute, dW and dH GEMMs, each 2*N*H*V
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Case:
     repeats: int
 
 
-def presets(name: str, repeats: int, quick: bool) -> list[Case]:
+def presets(name: str, repeats: int, quick: bool, head_only: bool = False) -> list[Case]:
     """PERF.md's headline shape of the preset first, then a sweep over N and V."""
     if name == "gpu":
         head = [Case(16384, 4096, 151936, "bfloat16", repeats)]
@@ -63,7 +67,9 @@ def presets(name: str, repeats: int, quick: bool) -> list[Case]:
         # 2 CPU cores: the headline shape takes ~15-25 s per fwd+bwd, so it gets at most 3 timed repeats.
         head = [Case(8192, 512, 32000, "float32", min(repeats, 3))]
         sweep = [Case(n, 512, v, "float32", repeats) for n in (512, 2048) for v in (4096, 16384)]
-    return sweep[:1] if quick else head + sweep
+    if quick:
+        return sweep[:1]
+    return head if head_only else head + sweep
 
 
 def eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
@@ -189,8 +195,10 @@ def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobF
     with torch.no_grad():
         ref_logp, ref_ent = reference(hidden, weight, targets)
     flops = 6.0 * case.n * case.h * case.v
+    # Bytes every implementation must hold at its peak: dhidden, dweight (input dtype), logp and entropy (fp32).
+    required = (case.n * case.h + case.v * case.h) * hidden.element_size() + 2 * 4 * case.n
     rows: list[dict] = []
-    eager_ms = eager_mem = None
+    eager_ms = eager_mem = eager_ws = None
     for name, (fn, reason) in impls.items():
         row = {"impl": name, **asdict(case)}
         if fn is None:
@@ -219,11 +227,15 @@ def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobF
                 torch.cuda.empty_cache()
         row.update(timing)
         row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
+        if name.startswith("bao_fast"):
+            row["executed_tflops"] = row["tflops"] * EXECUTED_FLOPS_FACTOR / 6
+        row["workspace_mb"] = max(0.0, row["peak_mem_mb"] - required / 2**20)
         if name == "eager":
-            eager_ms, eager_mem = timing["median_ms"], row["peak_mem_mb"]
+            eager_ms, eager_mem, eager_ws = timing["median_ms"], row["peak_mem_mb"], row["workspace_mb"]
         if eager_ms is not None:
             row["speedup_vs_eager"] = eager_ms / timing["median_ms"]
             row["mem_vs_eager"] = row["peak_mem_mb"] / eager_mem if eager_mem else None
+            row["workspace_vs_eager"] = row["workspace_mb"] / eager_ws if eager_ws else None
         rows.append(row)
     return rows
 
@@ -240,8 +252,10 @@ def table_row(row: dict) -> dict[str, str]:
         "impl": row["impl"],
         "ms": fmt("median_ms", ".1f"),
         "TFLOP/s": fmt("tflops", ".3g"),
+        "exec TFLOP/s": fmt("executed_tflops", ".3g"),
         "peak MiB": fmt("peak_mem_mb", ".1f"),
         "mem/eager": fmt("mem_vs_eager", ".3f"),
+        "workspace/eager": fmt("workspace_vs_eager", ".4f"),
         "x eager": fmt("speedup_vs_eager", ".2f"),
         "logp err": fmt("logp_max_err", ".1e"),
         "ent err": fmt("entropy_max_err", ".1e"),
@@ -254,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=("cpu", "gpu"), default=None, help="default: by device")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one small shape, no results file (smoke run)")
+    parser.add_argument("--head-only", action="store_true", help="only the preset's headline (PERF.md) shape")
     parser.add_argument("--compile", action="store_true", help="include torch.compile on the CPU too")
     parser.add_argument("--probe-memory", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -264,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     impls = implementations(device, with_compile=args.compile or device.type == "cuda")
     results: list[dict] = []
-    for case in presets(preset, args.repeats, args.quick):
+    for case in presets(preset, args.repeats, args.quick, args.head_only):
         rows = bench_case(case, device, impls)
         results.extend(rows)
         print_table(
@@ -272,7 +287,12 @@ def main(argv: list[str] | None = None) -> None:
             title=f"token_logprobs fwd+bwd N={case.n} H={case.h} V={case.v} {case.dtype} ({case.repeats} repeats)",
         )
     if not args.quick:
-        path = write_results("logprobs", {"preset": preset, "flops_per_step": "6*N*H*V", "results": results}, device)
+        path = write_results("logprobs", {
+                "preset": preset,
+                "flops_per_step": "6*N*H*V",
+                "bao_fast_executed_flops": f"{EXECUTED_FLOPS_FACTOR}*N*H*V",
+                "results": results,
+            }, device)
         print(f"wrote {path}")
 
 

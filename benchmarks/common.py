@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -180,4 +181,6 @@ def print_table(rows: list[dict[str, Any]], title: str | None = None) -> None:
         table.add_column(col)
     for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in columns)))
-    Console().print(table)
+    # Wide enough for every column when the output is a pipe or a log file (rich assumes 80 there).
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(table)

@@ -4,8 +4,10 @@ transformers attends over a packed stream (batch 1, ``position_ids`` restarting 
 eager by building a dense ``[T, T]`` block-diagonal mask, so attention costs ``T²`` instead of ``Σ L_b²``.
 This module registers ``bao_varlen_sdpa`` and ``bao_varlen_eager``: implementations that behave exactly like
 their base (``sdpa`` / ``eager``: same masks, same attention) unless the forward gets
-``varlen_seq_lens=(L_0, ..., L_{B-1})``; then no mask is built and every trajectory runs causal
-``scaled_dot_product_attention`` on its own slice of the stream.
+``varlen_seq_lens=(L_0, ..., L_{B-1})``; then no mask is built and every trajectory attends causally to its
+own slice of the stream only: on CUDA with fp16/bf16 inputs in one flash-attention varlen launch
+(``torch.nn.attention.varlen.varlen_attn``, where this torch has it), otherwise one
+``scaled_dot_product_attention`` per trajectory.
 
 The switch is permanent on the model (``enable_varlen_attention``) rather than scoped to one forward: with
 gradient checkpointing the decoder layers run again in the backward pass, after any scope has closed, and
@@ -14,6 +16,7 @@ they must pick the same attention then. The lengths travel as a layer kwarg, so 
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +37,57 @@ _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
 
 # True while a varlen forward builds its masks: the mask functions then return None (no [T, T] mask).
 _VARLEN_FORWARD: ContextVar[bool] = ContextVar("bao_varlen_forward", default=False)
+
+try:  # flash-attention varlen (CUDA): torch >= 2.9; its causal flag changed name across versions
+    from torch.nn.attention.varlen import varlen_attn as _FLASH_VARLEN
+except ImportError:
+    _FLASH_VARLEN = None
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _flash_causal_kwargs(fn: Callable[..., torch.Tensor], gqa: bool) -> dict[str, Any] | None:
+    """Keyword arguments that make ``varlen_attn`` causal (and GQA) in this torch; None if it cannot be."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        kwargs: dict[str, Any] = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        kwargs = {"is_causal": True}
+    else:
+        return None
+    if gqa and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def _flash_supports(query: torch.Tensor) -> bool:
+    """Flash attention's requirements: CUDA sm_80+, fp16/bf16, head dim a multiple of 8 up to 256."""
+    d = query.shape[-1]
+    if not query.is_cuda or query.dtype not in _FLASH_DTYPES or d > 256 or d % 8:
+        return False
+    return torch.cuda.get_device_capability(query.device)[0] >= 8
+
+
+def flash_varlen_causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_lens: Sequence[int], scaling: float | None
+) -> torch.Tensor | None:
+    """One flash-attention varlen launch over the packed stream, or None where it does not apply (no CUDA,
+    older than sm_80, not fp16/bf16, head dim over 256 or not a multiple of 8, no ``varlen_attn`` in this torch).
+
+    Shapes as ``varlen_causal_attention``; the result is ``[1, T, Hq, D]``.
+    """
+    if _FLASH_VARLEN is None or not _flash_supports(query):
+        return None
+    kwargs = _flash_causal_kwargs(_FLASH_VARLEN, gqa=key.shape[1] != query.shape[1])
+    if kwargs is None:
+        return None
+    offsets = [0]
+    for n in seq_lens:
+        offsets.append(offsets[-1] + n)
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32).to(query.device, non_blocking=True)
+    longest = max(seq_lens)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [T, H, D]
+    out = _FLASH_VARLEN(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scaling, **kwargs)
+    return out.unsqueeze(0)
 
 
 def _base_attention(module: nn.Module, base: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
@@ -56,7 +110,8 @@ def varlen_causal_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Causal attention of every packed sequence over itself only.
+    """Causal attention of every packed sequence over itself only: one flash-attention varlen launch where
+    ``flash_varlen_causal_attention`` applies (and ``dropout`` is 0), else one SDPA call per sequence.
 
     Args:
         query: ``[1, Hq, T, D]``; key, value: ``[1, Hkv, T, D]`` with ``Hq % Hkv == 0`` (GQA).
@@ -69,6 +124,23 @@ def varlen_causal_attention(
         raise ValueError(f"query must be [1, H, T, D] (one packed stream), got {tuple(query.shape)}")
     if sum(seq_lens) != query.shape[2] or any(n < 0 for n in seq_lens):
         raise ValueError(f"seq_lens must be >= 0 and sum to T={query.shape[2]}, got {list(seq_lens)}")
+    if dropout == 0.0 and query.shape[2] > 0:
+        out = flash_varlen_causal_attention(query, key, value, seq_lens, scaling)
+        if out is not None:
+            return out
+    return sdpa_per_sequence_attention(query, key, value, seq_lens, scaling=scaling, dropout=dropout)
+
+
+def sdpa_per_sequence_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seq_lens: Sequence[int],
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """``varlen_causal_attention``'s portable path: one causal SDPA call per sequence (same shapes)."""
     gqa = key.shape[1] != query.shape[1]
     lens = [n for n in seq_lens if n > 0]  # empty sequences own no rows
     outs = [

@@ -172,3 +172,79 @@ def test_varlen_causal_attention_rejects_bad_input() -> None:
     assert torch.equal(
         varlen_causal_attention(q, q, q, [6]), F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2)
     )
+
+
+def _fake_flash_varlen(calls: list[dict]):
+    """``varlen_attn`` as torch documents it (``[T, H, D]`` operands, int32 ``cu_seq_q/k``, ``window_size=(-1, 0)``
+    = causal, ``enable_gqa``), computed per sequence with SDPA; records what it was called with."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+        calls.append({"cu": cu_seq_q.tolist(), "cu_k": cu_seq_k.tolist(), "dtype": cu_seq_q.dtype,
+                      "max": (max_q, max_k), "window": window_size, "gqa": enable_gqa, "scale": scale})  # fmt: skip
+        outs = []
+        for lo, hi in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
+            q, k, v = (x[lo:hi].transpose(0, 1)[None] for x in (query, key, value))
+            causal = window_size == (-1, 0)
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa))
+        return torch.cat(outs, dim=2)[0].transpose(0, 1)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
+def test_flash_varlen_path_passes_the_documented_arguments(monkeypatch, heads: int, kv_heads: int) -> None:
+    """The CUDA fast path's glue, checked on the CPU against a stand-in that follows varlen_attn's contract; the
+    real kernel is compared with the per-sequence path in the CUDA test below."""
+    calls: list[dict] = []
+    monkeypatch.setattr(varlen, "_FLASH_VARLEN", _fake_flash_varlen(calls))
+    monkeypatch.setattr(varlen, "_flash_supports", lambda query: True)
+    gen = torch.Generator().manual_seed(heads)
+    seq_lens = [5, 0, 1, 17, 3]
+    t, d = sum(seq_lens), 24
+    q = torch.randn(1, t, heads, d, dtype=torch.float64, generator=gen).transpose(1, 2)  # transformers' layout
+    k, v = (torch.randn(1, t, kv_heads, d, dtype=torch.float64, generator=gen).transpose(1, 2) for _ in range(2))
+
+    out = varlen_causal_attention(q, k, v, seq_lens, scaling=0.3)
+    assert calls == [{"cu": [0, 5, 5, 6, 23, 26], "cu_k": [0, 5, 5, 6, 23, 26], "dtype": torch.int32, "max": (17, 17),
+                      "window": (-1, 0), "gqa": heads != kv_heads, "scale": 0.3}]  # fmt: skip
+    assert out.shape == (1, t, heads, d)
+    torch.testing.assert_close(out, _dense_reference(q, k, v, seq_lens, 0.3), rtol=0, atol=1e-12)
+    varlen_causal_attention(q, k, v, seq_lens, scaling=0.3, dropout=0.1)  # dropout: the per-sequence path
+    assert len(calls) == 1
+
+
+def test_flash_causal_kwargs_follow_the_installed_signature() -> None:
+    def new(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False): ...
+    def old(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None): ...
+    def unknown(q, k, v, cu_q, cu_k, max_q, max_k): ...
+
+    assert varlen._flash_causal_kwargs(new, gqa=True) == {"window_size": (-1, 0), "enable_gqa": True}
+    assert varlen._flash_causal_kwargs(new, gqa=False) == {"window_size": (-1, 0)}
+    assert varlen._flash_causal_kwargs(old, gqa=True) == {"is_causal": True}
+    assert varlen._flash_causal_kwargs(unknown, gqa=False) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_varlen_matches_per_sequence_sdpa_on_cuda(dtype: torch.dtype) -> None:
+    if varlen._FLASH_VARLEN is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    gen = torch.Generator().manual_seed(0)
+    seq_lens = [37, 0, 1, 300, 129]
+    t, heads, kv_heads, d = sum(seq_lens), 8, 2, 64
+    q = torch.randn(1, t, heads, d, generator=gen).to("cuda", dtype).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(1, t, kv_heads, d, generator=gen).to("cuda", dtype).transpose(1, 2).requires_grad_()
+            for _ in range(2))  # fmt: skip
+    grad = torch.randn(1, t, heads, d, generator=gen).to("cuda", dtype)
+    flash = varlen.flash_varlen_causal_attention(q, k, v, seq_lens, 0.125)
+    assert flash is not None
+    (flash * grad).sum().backward()
+    flash_grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    loop = varlen.sdpa_per_sequence_attention(q, k, v, seq_lens, scaling=0.125)
+    (loop * grad).sum().backward()
+    torch.testing.assert_close(flash.float(), loop.float(), rtol=0, atol=2e-2)
+    for got, x in zip(flash_grads, (q, k, v), strict=True):
+        torch.testing.assert_close(got.float(), x.grad.float(), rtol=0, atol=5e-2)
