@@ -185,8 +185,10 @@ def probe_memory(spec: str) -> None:
     fn, reason = implementations(device, with_compile=name == "compile")[name]
     if fn is None:
         raise SystemExit(reason)
-    step = make_step(fn, *make_inputs(Case(**fields), device))
+    hidden, weight, targets, grad = make_inputs(Case(**fields), device)
+    step = make_step(fn, hidden, weight, targets, grad)
     step()
+    hidden.grad = weight.grad = None  # as on the GPU: the measured step's gradients count towards its peak
     print(peak_memory(step, device))
 
 
