@@ -68,6 +68,11 @@ def candidate_tiles(dtype: torch.dtype) -> list[Tile]:
     return [Tile(m, n, k, num_warps=w, num_stages=s) for m, n, k, w, s in table]
 
 
+def candidate_chunk_bytes() -> list[int]:
+    """Backward chunk sizes tried: 64 MiB to 512 MiB (64 KiB and 1 MiB under ``TRITON_INTERPRET=1``)."""
+    return [1 << 16, 1 << 20] if interpreting() else [mib << 20 for mib in _CHUNK_MIB]
+
+
 @dataclass(frozen=True)
 class Trial:
     """One timed candidate: which knob, its value, median ms (None when it failed) and why it failed."""
@@ -192,7 +197,8 @@ def tune(
     for kernel in kernels:
         backward = kernel != "fwd"
         current: Tile = getattr(best, kernel)
-        options = [(t.label(), replace(best, **{kernel: replace(t, group_m=current.group_m)})) for t in tiles]
+        grouped = [replace(t, group_m=current.group_m) for t in tiles]
+        options = [(t.label(), replace(best, **{kernel: t})) for t in grouped]
         best = descend(best, f"{kernel}.tile", options, backward)
         if kernel == "fwd":
             options = [(str(d), replace(best, fwd_split_divisor=d)) for d in _SPLIT_DIVISORS]
@@ -202,7 +208,7 @@ def tune(
             options = [(str(g), replace(best, **{kernel: replace(current, group_m=g)})) for g in _GROUPS]
             best = descend(best, f"{kernel}.group_m", options, backward=True)
     if any(k in BACKWARD_KERNELS for k in kernels):
-        chunks = [mib << 20 for mib in _CHUNK_MIB] if not interpreting() else [1 << 16, 1 << 20]
+        chunks = candidate_chunk_bytes()
         if max_workspace_bytes is not None:
             chunks = [c for c in chunks if c <= max_workspace_bytes]
         options = [(f"{c >> 10} KiB", replace(best, chunk_bytes=c)) for c in chunks]

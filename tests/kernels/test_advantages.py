@@ -12,6 +12,8 @@ from bao_fast.kernels.advantages import TOKEN_BLOCK, shaped_advantages_triton
 from bao_fast.algo.shaping import ShapingConfig, preset
 from bao_fast.ops.reference import shaped_advantages_reference
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU tensors: the Triton interpreter
+
 HORIZON = 6
 # Dyadic rewards keep Σ r_t exact in fp32 and fp64, so the "failed" / "Σ r = 0" branches agree.
 REWARDS = (0.0, 0.0, 0.0, 1.0, -0.5, 0.25)
@@ -38,6 +40,11 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def run_kernels(batch, cfg) -> tuple[torch.Tensor, ...]:
+    """The launcher on ``DEVICE``; its four outputs come back to the CPU beside the reference's."""
+    return tuple(t.cpu() for t in shaped_advantages_triton(*(t.to(DEVICE) for t in batch), cfg))
 
 
 def make_batch(num_traj: int, seed: int, *, max_turn_tokens: int = 5, shuffle_tokens: bool = False):
@@ -113,7 +120,7 @@ def assert_matches_reference(out, ref, turn_offsets, token_turn_ids, tol=2e-5):
 def test_kernels_match_reference(name, seed):
     cfg = CONFIGS[name]
     batch = make_batch(97, seed)
-    out = shaped_advantages_triton(*batch, cfg)
+    out = run_kernels(batch, cfg)
     ref = shaped_advantages_reference(*batch, cfg)
     assert [t.dtype for t in out] == [torch.float32] * 4
     assert [t.shape for t in out] == [t.shape for t in ref]
@@ -126,7 +133,7 @@ def test_unsorted_tokens_and_many_turns():
     cfg = CONFIGS["bao"]
     batch = make_batch(420, 7, max_turn_tokens=2, shuffle_tokens=True)
     assert batch[0].numel() > TOKEN_BLOCK
-    out = shaped_advantages_triton(*batch, cfg)
+    out = run_kernels(batch, cfg)
     assert_matches_reference(out, shaped_advantages_reference(*batch, cfg), batch[2], batch[4])
 
 
@@ -138,7 +145,7 @@ def test_grouped_batch_skips_tiles(norm_by_std):
     rewards, answers, offsets, _, token_turns = make_batch(200, 3)
     groups = torch.cat([torch.arange(150) // 8 * 1000, torch.full((50,), -7)]).long()
     batch = (rewards, answers, offsets, groups, token_turns)
-    out = shaped_advantages_triton(*batch, cfg)
+    out = run_kernels(batch, cfg)
     assert_matches_reference(out, shaped_advantages_reference(*batch, cfg), offsets, token_turns)
 
 
@@ -151,7 +158,7 @@ def test_single_trajectory_without_tokens():
         torch.tensor([42], dtype=torch.int64),
         torch.empty(0, dtype=torch.int32),
     )
-    token_adv, credits, scores, normalized = shaped_advantages_triton(*batch, cfg)
+    token_adv, credits, scores, normalized = run_kernels(batch, cfg)
     ref = shaped_advantages_reference(*batch, cfg)
     assert token_adv.numel() == 0
     torch.testing.assert_close(credits.double(), ref.turn_credits)

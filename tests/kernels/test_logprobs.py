@@ -9,8 +9,22 @@ from bao_fast.kernels.logprobs import logprobs_backward, logprobs_forward
 from bao_fast.ops.reference import token_logprobs_reference
 
 IGNORE = -100
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU tensors: the Triton interpreter
 # Output tolerance per input dtype: bf16/fp16 gradients are rounded to the input dtype on output.
 TOL = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate with ``torch.empty`` starts as NaN (floats) or a huge value (ints),
+    never zeros, so an element a kernel forgets to write fails the comparison."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 2**30)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 def _inputs(n, h, v, dtype, *, bias, rows, seed):
@@ -21,7 +35,7 @@ def _inputs(n, h, v, dtype, *, bias, rows, seed):
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[torch.randperm(n, generator=gen)[: n // 5]] = IGNORE
     target_rows = torch.randperm(n, generator=gen)[: (2 * n) // 3] if rows else None
-    return hidden, weight, b, targets, target_rows
+    return tuple(t.to(DEVICE) if t is not None else None for t in (hidden, weight, b, targets, target_rows))
 
 
 def _reference(hidden, weight, bias, targets, rows, g_logp, g_ent, temperature):
@@ -62,8 +76,8 @@ def test_kernels_match_fp64_reference(n, h, v, dtype, temperature, entropy, bias
         hidden, weight, b, targets, target_rows, temperature=temperature, ignore_index=IGNORE,
         with_entropy=entropy, num_splits=splits,
     )  # fmt: skip
-    g_logp = torch.randn(n)
-    g_ent = torch.randn(n) if entropy else None
+    g_logp = torch.randn(n, device=DEVICE)
+    g_ent = torch.randn(n, device=DEVICE) if entropy else None
     ref_logp, ref_ent, ref_grads = _reference(hidden, weight, b, targets, target_rows, g_logp, g_ent, temperature)
     assert logp.dtype == torch.float32 and logp.shape == (n,)
     _assert_close(logp, ref_logp, 5e-5 if dtype == torch.float32 else 1e-4, "logp")
@@ -89,14 +103,14 @@ def test_skipped_rows_are_zero_and_get_no_gradient():
     logp, ent, lse = logprobs_forward(
         hidden, weight, None, targets, rows, temperature=1.0, ignore_index=IGNORE, with_entropy=True, num_splits=2
     )
-    dead = torch.ones(26, dtype=torch.bool)
+    dead = torch.ones(26, dtype=torch.bool, device=DEVICE)
     dead[rows] = False
     dead |= targets == IGNORE
     assert dead.any() and (~dead).any()
     assert torch.all(logp[dead] == 0) and torch.all(ent[dead] == 0)
     assert torch.all(logp[~dead] < 0) and torch.all(ent[~dead] > 0)
     dh, _, _ = logprobs_backward(
-        torch.randn(26), torch.randn(26), hidden, weight, None, targets, rows, lse, ent,
+        torch.randn(26, device=DEVICE), torch.randn(26, device=DEVICE), hidden, weight, None, targets, rows, lse, ent,
         temperature=1.0, ignore_index=IGNORE, chunk_cols=32,
     )  # fmt: skip
     assert torch.all(dh[dead] == 0)
@@ -108,7 +122,7 @@ def test_backward_is_bitwise_deterministic():
     _, ent, lse = logprobs_forward(
         hidden, weight, b, targets, None, temperature=0.9, ignore_index=IGNORE, with_entropy=True, num_splits=2
     )
-    g_logp, g_ent = torch.randn(40), torch.randn(40)
+    g_logp, g_ent = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
 
     def run():
         return logprobs_backward(
@@ -123,14 +137,15 @@ def test_backward_is_bitwise_deterministic():
 
 def test_empty_target_rows():
     hidden, weight, _, targets, _ = _inputs(9, 16, 40, torch.float32, bias=False, rows=False, seed=3)
-    rows = torch.empty(0, dtype=torch.int64)
+    rows = torch.empty(0, dtype=torch.int64, device=DEVICE)
     logp, _, lse = logprobs_forward(
         hidden, weight, None, targets, rows, temperature=1.0, ignore_index=IGNORE, with_entropy=False
     )
     assert lse.numel() == 0 and torch.all(logp == 0)
     dh, dw, _ = logprobs_backward(
-        torch.ones(9), None, hidden, weight, None, targets, rows, lse, None, temperature=1.0, ignore_index=IGNORE
-    )
+        torch.ones(9, device=DEVICE), None, hidden, weight, None, targets, rows, lse, None,
+        temperature=1.0, ignore_index=IGNORE,
+    )  # fmt: skip
     assert torch.all(dh == 0) and torch.all(dw == 0)
 
 
@@ -140,7 +155,7 @@ def test_requested_gradients_only(need_dhidden, need_dweight):
     _, _, lse = logprobs_forward(
         hidden, weight, b, targets, rows, temperature=1.0, ignore_index=IGNORE, with_entropy=False
     )
-    g = torch.randn(27)
+    g = torch.randn(27, device=DEVICE)
     dh, dw, db = logprobs_backward(
         g, None, hidden, weight, b, targets, rows, lse, None, temperature=1.0, ignore_index=IGNORE,
         need_dhidden=need_dhidden, need_dweight=need_dweight, chunk_cols=32,

@@ -11,24 +11,31 @@ import pytest
 import torch
 from bao_fast.kernels import logprobs_tune
 from bao_fast.kernels.logprobs import logprobs_backward, logprobs_forward
-from bao_fast.kernels.logprobs_configs import INTERPRETER_TILES, LogprobTiles, load_tiles
-from bao_fast.kernels.logprobs_tune import Problem, candidate_tiles, tune
+from bao_fast.kernels.logprobs_configs import LogprobTiles, load_tiles, select_tiles
+from bao_fast.kernels.logprobs_tune import Problem, candidate_chunk_bytes, candidate_tiles, tune
 
 from bao_fast.ops.reference import token_logprobs_reference
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU tensors: the Triton interpreter
+FAST_FWD, FAST_DW = candidate_tiles(torch.float32)[-1], candidate_tiles(torch.float32)[-2]
+FAST_CHUNK = candidate_chunk_bytes()[0]
+
+
+START = select_tiles(DEVICE, torch.float32)
+
 
 def _problem(dtype: torch.dtype = torch.float32) -> Problem:
-    return Problem.random(37, 40, 101, dtype, torch.device("cpu"), seed=3)
+    return Problem.random(37, 40, 101, dtype, DEVICE, seed=3)
 
 
 def _fake_cost(tiles: LogprobTiles) -> float:
-    """A deterministic 'time' that prefers a known tile per knob, so the search result is predictable."""
+    """A deterministic 'time' that prefers a known option per knob, so the search result is predictable."""
     cost = 0.0
-    cost += 0 if tiles.fwd.block_m == 32 else 1
+    cost += 0 if tiles.fwd.label() == replace(FAST_FWD, group_m=tiles.fwd.group_m).label() else 1
     cost += 0 if tiles.fwd_split_divisor == 4 else 1
-    cost += 0 if tiles.dw.block_k == 32 else 1
+    cost += 0 if tiles.dw.label() == replace(FAST_DW, group_m=tiles.dw.group_m).label() else 1
     cost += 0 if tiles.dw.group_m == 16 else 1
-    cost += 0 if tiles.chunk_bytes == 1 << 16 else 1
+    cost += 0 if tiles.chunk_bytes == FAST_CHUNK else 1
     return cost
 
 
@@ -52,12 +59,12 @@ def test_descent_picks_the_fastest_option_of_every_knob(monkeypatch) -> None:
 
     monkeypatch.setattr(logprobs_tune, "time_ms", fake_time)
     problem = CostedProblem(**{f: getattr(_problem(), f) for f in Problem.__dataclass_fields__})
-    best, trials = tune(problem, INTERPRETER_TILES, repeats=1, kernels=("fwd", "dw"))
+    best, trials = tune(problem, START, repeats=1, kernels=("fwd", "dw"))
 
-    assert best.fwd.block_m == 32 and best.fwd_split_divisor == 4
-    assert best.dw.block_k == 32 and best.dw.group_m == 16
-    assert best.chunk_bytes == 1 << 16
-    assert best.dlogits == INTERPRETER_TILES.dlogits and best.dh == INTERPRETER_TILES.dh  # not tuned
+    assert best.fwd == replace(FAST_FWD, group_m=START.fwd.group_m) and best.fwd_split_divisor == 4
+    assert best.dw == replace(FAST_DW, group_m=16)
+    assert best.chunk_bytes == FAST_CHUNK
+    assert best.dlogits == START.dlogits and best.dh == START.dh  # not tuned
     knobs = {t.knob for t in trials}
     assert knobs == {"fwd.tile", "fwd.split_divisor", "dw.tile", "dw.group_m", "chunk_bytes"}
     assert len([t for t in trials if t.knob == "fwd.tile"]) == 1 + len(candidate_tiles(torch.float32))
@@ -68,12 +75,13 @@ def test_candidates_with_wrong_outputs_are_rejected(monkeypatch) -> None:
     costs: dict[int, float] = {}
 
     class BrokenProblem(Problem):
-        """With 32-row tiles the forward 'miscompiles' (NaN logp) and would be the fastest."""
+        """With FAST_FWD's tile the forward 'miscompiles' (NaN logp) and would be the fastest."""
 
         def forward(self, tiles):
             logp, entropy, lse = super().forward(tiles)
-            costs[0] = 0.0 if tiles.fwd.block_m == 32 else 1.0
-            if tiles.fwd.block_m == 32:
+            broken = tiles.fwd.label() == replace(FAST_FWD, group_m=tiles.fwd.group_m).label()
+            costs[0] = 0.0 if broken else 1.0
+            if broken:
                 logp = torch.full_like(logp, float("nan"))
             return logp, entropy, lse
 
@@ -83,16 +91,17 @@ def test_candidates_with_wrong_outputs_are_rejected(monkeypatch) -> None:
 
     monkeypatch.setattr(logprobs_tune, "time_ms", fake_time)
     problem = BrokenProblem(**{f: getattr(_problem(), f) for f in Problem.__dataclass_fields__})
-    best, trials = tune(problem, INTERPRETER_TILES, repeats=1, kernels=("fwd",))
+    best, trials = tune(problem, START, repeats=1, kernels=("fwd",))
 
-    broken = [t for t in trials if t.knob == "fwd.tile" and t.value.startswith("32x")]
+    label = replace(FAST_FWD, group_m=START.fwd.group_m).label()
+    broken = [t for t in trials if t.knob == "fwd.tile" and t.value == label]
     assert broken and all(t.median_ms is None and "differs" in t.error for t in broken)
-    assert best.fwd.block_m != 32
+    assert best.fwd.label() != broken[0].value
 
 
 def test_tuned_tiles_match_the_fp64_reference() -> None:
     problem = _problem(torch.bfloat16)
-    best, trials = tune(problem, INTERPRETER_TILES, repeats=1)
+    best, trials = tune(problem, START, repeats=1)
     assert {t.knob for t in trials} >= {"fwd.tile", "dlogits.tile", "dw.tile", "dh.tile", "chunk_bytes"}
     assert any(t.median_ms is not None for t in trials)
 
@@ -114,13 +123,13 @@ def test_tuned_tiles_match_the_fp64_reference() -> None:
 
 def test_cli_writes_a_file_load_tiles_reads(tmp_path) -> None:
     out = tmp_path / "tiles.json"
-    argv = ["--device", "cpu", "--out", str(out), "--n", "20", "--h", "24", "--v", "50", "--dtype", "float32",
+    argv = ["--device", DEVICE.type, "--out", str(out), "--n", "20", "--h", "24", "--v", "50", "--dtype", "float32",
             "--repeats", "1", "--kernels", "fwd", "dh"]  # fmt: skip
     logprobs_tune.main(argv)
 
     record = json.loads(out.read_text())
     assert record["shape"] == {"n": 20, "h": 24, "v": 50} and record["dtype"] == "float32"
-    assert record["start_tiles"] == INTERPRETER_TILES.to_dict()
+    assert record["start_tiles"] == START.to_dict()
     assert {t["knob"] for t in record["trials"]} >= {"fwd.tile", "dh.tile", "chunk_bytes"}
     assert load_tiles(out) == LogprobTiles.from_dict(record["tiles"])
     assert not out.with_suffix(".tmp").exists()
@@ -129,8 +138,9 @@ def test_cli_writes_a_file_load_tiles_reads(tmp_path) -> None:
 def test_cli_errors(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         logprobs_tune.main(["--device", "cpu"])
-    assert "--out is required off CUDA" in capsys.readouterr().err
+    expected = "--out is required off CUDA" if DEVICE.type == "cpu" else "run off CUDA only under TRITON_INTERPRET=1"
+    assert expected in capsys.readouterr().err
     with pytest.raises(ValueError, match="kernels must be a subset"):
-        tune(_problem(), INTERPRETER_TILES, kernels=("fwd", "lse"))
+        tune(_problem(), START, kernels=("fwd", "lse"))
     with pytest.raises(ValueError, match="repeats must be >= 1"):
-        tune(_problem(), replace(INTERPRETER_TILES), repeats=0)
+        tune(_problem(), replace(START), repeats=0)

@@ -10,6 +10,8 @@ from bao_fast.algo.loss import AGGREGATIONS, KL_TYPES
 from bao_fast.ops.policy_loss import STAT_NAMES
 from bao_fast.ops.reference import clipped_ratio_loss_reference
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU tensors: the Triton interpreter
+
 OPTIONS = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, norm_length=300.0)
 
 
@@ -56,10 +58,11 @@ def reference(logp, old_logp, advantages, mask, cu, ref_logp, **kw):
 
 
 def check(logp, old_logp, advantages, mask, cu, ref_logp, **kw):
-    loss, grad, stats = clipped_ratio_loss_triton(
-        logp, old_logp, advantages, mask, cu, ref_logp,
+    on_device = [t.to(DEVICE) if t is not None else None for t in (logp, old_logp, advantages, mask, cu, ref_logp)]
+    loss, grad, stats = (t.cpu() for t in clipped_ratio_loss_triton(
+        *on_device,
         kw["clip_low"], kw["clip_high"], kw["dual_clip"], kw["kl_coef"], kw["kl_type"], kw["agg"], kw["norm_length"],
-    )  # fmt: skip
+    ))  # fmt: skip
     want_loss, want_grad, want_stats = reference(logp, old_logp, advantages, mask, cu, ref_logp, **kw)
     assert loss.shape == () and grad.shape == logp.shape and stats.shape == (len(STAT_NAMES),)
     scale = want_grad.abs().max().item() + 1e-30
