@@ -8,6 +8,7 @@
 #     bench      benchmarks/bench_logprobs.py headline shape (--head-only) -> $OUT/*.json
 #     sweep      benchmarks/bench_logprobs.py full N x V sweep
 #     bench-ops  advantages, clipped-ratio loss and packing benchmarks
+#     trainer    packed (flash varlen) vs padded log-prob forward; trainer step breakdown with the hf engine
 #
 # Every stage installs the package first (editable, no index: the CUDA extension builds with nvcc + ninja and
 # is reused while the machine stays warm). Baselines that are not on the machine (liger-kernel,
@@ -52,7 +53,11 @@ for stage in "$@"; do
         "$PY" "benchmarks/$script.py" 2>&1 | tee "$OUT/$script.log" | tail -20
       done
       copy_results ;;
+    trainer)
+      "$PY" benchmarks/bench_packing_forward.py 2>&1 | tee "$OUT/bench_packing_forward.log" | tail -20
+      "$PY" benchmarks/bench_trainer_step.py --engine hf 2>&1 | tee "$OUT/bench_trainer_step.log" | tail -30
+      copy_results ;;
     *)
-      echo "unknown stage '$stage' (test tune bench sweep bench-ops)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (test tune bench sweep bench-ops trainer)" >&2; exit 2 ;;
   esac
 done
