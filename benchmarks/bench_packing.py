@@ -4,12 +4,21 @@ turns. PERF.md target: C++ >= 30x the reference at 1024 x 16; CUDA path without 
 
     python benchmarks/bench_packing.py [--trajectories 1024] [--turns 16] [--repeats 20] [--quick]
 
+Both sides allocate their outputs fresh on every call (~70 MB at 1024 x 16). With glibc's default dynamic mmap
+threshold such buffers are sometimes mapped anew and page-faulted on first touch, sometimes reused from the heap,
+which swings the C++ op's median by up to 5x between runs (7.6 to 42 ms measured on one quiet 2-core machine).
+So the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` raised (freed
+buffers are reused: the steady state of a training loop, and what jemalloc / tcmalloc give); the setting is
+recorded in the JSON. ``--default-allocator`` measures with glibc's defaults instead.
+
 Writes benchmarks/results/pack_multiturn-<device>.json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -18,6 +27,8 @@ from common import peak_memory, print_table, tensor_bytes, timeit_median, write_
 from bao_fast.data.packed import DEVICE_FIELDS
 from bao_fast.ops import pack_multiturn
 from bao_fast.ops.reference import pack_multiturn_reference
+
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
 
 def make_batch(
@@ -57,7 +68,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="256 trajectories (CI-sized run)")
+    parser.add_argument("--default-allocator", action="store_true", help="keep glibc's malloc defaults")
     args = parser.parse_args()
+    if not args.default_allocator and any(os.environ.get(k) != v for k, v in STEADY_ALLOCATOR.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_ALLOCATOR})
     if args.quick:
         args.trajectories = min(args.trajectories, 256)
 
@@ -126,6 +140,7 @@ def main() -> None:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "output_MB": output_bytes / 2**20,
+            "allocator": "glibc defaults" if args.default_allocator else STEADY_ALLOCATOR,
             "rows": rows,
         },
         results_device,
