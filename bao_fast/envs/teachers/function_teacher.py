@@ -25,15 +25,14 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from bao_fast.envs.arith import format_number
-from bao_fast.envs.base import format_tool_call
 from bao_fast.envs.function import FunctionGym, FunctionTask
 from bao_fast.envs.function_grammar import TEMPLATES, VARIABLES, RuleTemplate
+from bao_fast.envs.teachers.episode import TeacherEpisode, play_scripted
 
 __all__ = ["FunctionTeacher", "TeacherEpisode", "TeacherStyle", "solve_rate"]
 
@@ -43,16 +42,6 @@ _STYLES: tuple[str, ...] = ("full", "concise")
 _RESULT = re.compile(r"^f\(([^)]*)\) (?:= (\S+)|(is undefined|is too large))")
 _TEST_CASE = re.compile(r"The test case is \((-?\d+), (-?\d+), (-?\d+), (-?\d+)\)")
 _UNDEFINED = math.nan
-
-
-@dataclass(frozen=True)
-class TeacherEpisode:
-    """A played episode: chat ``messages`` (system, user, then assistant/user turns), whether it was
-    solved, and the number of turns taken."""
-
-    messages: list[dict[str, str]]
-    success: bool
-    num_turns: int
 
 
 class _Hypotheses:
@@ -144,16 +133,8 @@ class FunctionTeacher:
     def play(self, task: FunctionTask, seed: int | None = None) -> TeacherEpisode:
         """Play one episode against a fresh :class:`FunctionGym`; assistant turns are
         ``<think>reasoning</think>\\n<tool_call>{json}</tool_call>``, user turns the gym's feedback."""
-        gym = FunctionGym(max_turns=self.max_turns)
-        messages = gym.reset(task, seed)
         episode = _Episode(self, f"{self.seed}/{seed}/{task.id}")
-        while not gym.done:
-            choice, content, thought = episode.decide(gym.num_turns + 1)
-            text = f"<think>\n{thought}\n</think>\n{format_tool_call(choice, content)}"
-            result = gym.step(text)
-            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": result.feedback}]
-            episode.observe(choice, content, result.feedback)
-        return TeacherEpisode(messages, gym.success, gym.num_turns)
+        return play_scripted(FunctionGym(max_turns=self.max_turns), task, seed, episode)
 
 
 class _Episode:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from bao_fast.envs.base import Gym
-from bao_fast.envs.teachers.function_teacher import TeacherEpisode
+from bao_fast.envs.teachers.episode import TeacherEpisode
 from bao_fast.envs.user_client import ChatCompletion, UserSimulatorClient, UserSimulatorError
 
 __all__ = ["TEACHER_INSTRUCTIONS", "LLMTeacher"]

@@ -19,9 +19,8 @@ import math
 import random
 from collections.abc import Sequence
 
-from bao_fast.envs.base import format_tool_call
 from bao_fast.envs.entity_table import Entity, Question, candidate_questions, parse_question
-from bao_fast.envs.teachers.function_teacher import TeacherEpisode
+from bao_fast.envs.teachers.episode import TeacherEpisode, play_scripted
 from bao_fast.envs.twenty_questions import TwentyQuestionsGym, TwentyQuestionsTask
 
 __all__ = ["TwentyQuestionsTeacher"]
@@ -53,16 +52,8 @@ class TwentyQuestionsTeacher:
     def play(self, task: TwentyQuestionsTask, seed: int | None = None) -> TeacherEpisode:
         """Play one episode against a fresh :class:`TwentyQuestionsGym`; assistant turns are
         ``<think>reasoning</think>\\n<tool_call>{json}</tool_call>``, user turns the gym's feedback."""
-        gym = TwentyQuestionsGym(max_turns=self.max_turns)
-        messages = gym.reset(task, seed)
         episode = _Episode(task, self.max_turns, random.Random(f"{self.seed}/{seed}/{task.id}"))
-        while not gym.done:
-            choice, content, thought = episode.decide(gym.num_turns + 1)
-            text = f"<think>\n{thought}\n</think>\n{format_tool_call(choice, content)}"
-            result = gym.step(text)
-            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": result.feedback}]
-            episode.observe(choice, content, result.feedback)
-        return TeacherEpisode(messages, gym.success, gym.num_turns)
+        return play_scripted(TwentyQuestionsGym(max_turns=self.max_turns), task, seed, episode)
 
 
 def _names(entities: Sequence[Entity]) -> str:
