@@ -1,5 +1,6 @@
-"""Shared fixture of the ahead-of-time compile tests: run a ``bao_fast.kernels.*_aot`` module in a fresh
-process (the JIT needs ``TRITON_INTERPRET`` unset) and return the JSON report it prints last."""
+"""Shared fixtures of the kernel tests: ``poisoned_outputs`` (launcher buffers never start as zeros) and
+``run_aot`` (run a ``bao_fast.kernels.*_aot`` module in a fresh process, since the JIT needs
+``TRITON_INTERPRET`` unset, and return the JSON report it prints last)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import triton
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 RunAot = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer allocated with ``torch.empty`` / ``torch.empty_like`` starts as NaN (floats) or 2**30
+    (ints), never zeros, so an element a kernel forgets to write fails the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan") if t.is_floating_point() else 2**30)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 @pytest.fixture
