@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from bao_fast.kernels import aot
 from bao_fast.kernels import logprobs as lk
-from bao_fast.kernels.logprobs_configs import LogprobTiles, Tile, tiles_for_arch
+from bao_fast.kernels.logprobs_configs import DTYPE_NAMES, LogprobTiles, Tile, tiles_for_arch
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = tuple(DTYPE_NAMES.values())
 _SCALARS = {
     "K": int, "V": int, "H": int, "split_cols": int, "v_lo": int, "V_CHUNK": int, "num_splits": int,
     "inv_temp": float, "ignore_index": "i64",

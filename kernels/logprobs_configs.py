@@ -7,7 +7,7 @@ One :class:`LogprobTiles` per (GPU architecture, input dtype). Where it comes fr
 3. the built-in defaults below: tensor-core tiles chosen so that every kernel compiles without register
    spills and within shared memory for sm_80 and sm_90 (``python -m bao_fast.kernels.logprobs_aot``).
 
-``python benchmarks/tune_logprobs.py`` times candidate tiles on the GPU it runs on and writes file 1 or 2.
+``python -m bao_fast.kernels.logprobs_tune`` times candidate tiles on the GPU it runs on and writes file 1 or 2.
 The interpreter (``TRITON_INTERPRET=1``) always uses the smallest tiles ``tl.dot`` accepts so tests stay fast.
 """
 
@@ -24,7 +24,10 @@ import torch
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 TUNED_DIR_ENV = "BAO_FAST_TUNED_DIR"
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+"""Input dtypes the kernels take, by the name tuning files and command lines use."""
+KERNEL_TILES = ("fwd", "dlogits", "dw", "dh")
+"""The kernels with a :class:`Tile` in :class:`LogprobTiles` (the combine kernel has a fixed shape)."""
 _WARPS = (1, 2, 4, 8, 16)
 
 
@@ -80,7 +83,7 @@ class LogprobTiles:
     fwd_split_divisor: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("fwd", "dlogits", "dw", "dh"):
+        for name in KERNEL_TILES:
             if not isinstance(getattr(self, name), Tile):
                 raise TypeError(f"LogprobTiles.{name} must be a Tile, got {type(getattr(self, name)).__name__}")
         for name in ("chunk_bytes", "fwd_split_divisor"):
@@ -98,13 +101,13 @@ class LogprobTiles:
             raise ValueError(f"tiles must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted({"fwd", "dlogits", "dw", "dh"} - set(data))
+        missing = sorted(set(KERNEL_TILES) - set(data))
         if unknown or missing:
             raise ValueError(f"tiles: unknown keys {unknown}, missing keys {missing}")
         tile_keys = {f.name for f in fields(Tile)}
         values: dict[str, Any] = {}
         for name, value in data.items():
-            if name in ("fwd", "dlogits", "dw", "dh"):
+            if name in KERNEL_TILES:
                 if not isinstance(value, dict) or not set(value) <= tile_keys:
                     raise ValueError(f"tiles.{name} must be an object with keys from {sorted(tile_keys)}: {value!r}")
                 try:
@@ -117,7 +120,7 @@ class LogprobTiles:
 
 
 def load_tiles(path: Path) -> LogprobTiles:
-    """The ``"tiles"`` object of a tuning file written by ``benchmarks/tune_logprobs.py``."""
+    """The ``"tiles"`` object of a tuning file written by ``python -m bao_fast.kernels.logprobs_tune``."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
@@ -132,9 +135,9 @@ def load_tiles(path: Path) -> LogprobTiles:
 
 def tuned_file_name(capability: tuple[int, int], dtype: torch.dtype) -> str:
     """``logprobs-sm90-bfloat16.json`` for capability (9, 0) and bf16."""
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES.values())}, got {dtype}")
-    return f"logprobs-sm{capability[0]}{capability[1]}-{_DTYPE_NAMES[dtype]}.json"
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(DTYPE_NAMES.values())}, got {dtype}")
+    return f"logprobs-sm{capability[0]}{capability[1]}-{DTYPE_NAMES[dtype]}.json"
 
 
 # group_m=2 so that small test shapes span several tile groups.

@@ -32,6 +32,8 @@ import torch
 import triton
 from bao_fast.kernels.logprobs import logprobs_backward, logprobs_forward
 from bao_fast.kernels.logprobs_configs import (
+    DTYPE_NAMES,
+    KERNEL_TILES,
     TUNED_DIR,
     LogprobTiles,
     Tile,
@@ -40,9 +42,9 @@ from bao_fast.kernels.logprobs_configs import (
     tuned_file_name,
 )
 
-BACKWARD_KERNELS = ("dlogits", "dw", "dh")
-KERNELS = ("fwd", *BACKWARD_KERNELS)
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+KERNELS = KERNEL_TILES
+BACKWARD_KERNELS = tuple(k for k in KERNELS if k != "fwd")
+_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 # (block_m, block_n, block_k, num_warps, num_stages); group_m is tuned separately.
 _TILES_16BIT = (
@@ -119,8 +121,8 @@ class Problem:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``repeats`` calls after one warm-up call (which compiles)."""
-    fn()
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls. No warm-up of its own: ``tune`` has already
+    run ``fn`` once (compiling it) to check its outputs."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -224,7 +226,7 @@ def tuning_record(problem: Problem, start: LogprobTiles, best: LogprobTiles, tri
         "op": "token_logprobs",
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "triton-interpreter",
         "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
-        "dtype": str(problem.hidden.dtype).removeprefix("torch."),
+        "dtype": DTYPE_NAMES[problem.hidden.dtype],
         "shape": {"n": n, "h": h, "v": problem.weight.shape[0]},
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "tiles": best.to_dict(),
