@@ -4,7 +4,7 @@ turns. PERF.md target: C++ >= 30x the reference at 1024 x 16; CUDA path without 
 
     python benchmarks/bench_packing.py [--trajectories 1024] [--turns 16] [--repeats 20] [--quick]
 
-Both sides allocate their outputs fresh on every call (~70 MB at 1024 x 16). With glibc's default dynamic mmap
+Both sides allocate their outputs fresh on every call (~190 MB at 1024 x 16). With glibc's default dynamic mmap
 threshold such buffers are sometimes mapped anew and page-faulted on first touch, sometimes reused from the heap,
 which swings the C++ op's median by up to 5x between runs (7.6 to 42 ms measured on one quiet 2-core machine).
 So the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` raised (freed

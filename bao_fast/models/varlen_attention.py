@@ -17,6 +17,7 @@ they must pick the same attention then. The lengths travel as a layer kwarg, so 
 from __future__ import annotations
 
 import inspect
+import itertools
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -80,10 +81,7 @@ def flash_varlen_causal_attention(
     kwargs = _flash_causal_kwargs(_FLASH_VARLEN, gqa=key.shape[1] != query.shape[1])
     if kwargs is None:
         return None
-    offsets = [0]
-    for n in seq_lens:
-        offsets.append(offsets[-1] + n)
-    cu_seqlens = torch.tensor(offsets, dtype=torch.int32).to(query.device, non_blocking=True)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=query.device)
     longest = max(seq_lens)
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [T, H, D]
     out = _FLASH_VARLEN(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scaling, **kwargs)
