@@ -24,8 +24,8 @@ FAST_CHUNK = candidate_chunk_bytes()[0]
 START = select_tiles(DEVICE, torch.float32)
 
 
-def _problem(dtype: torch.dtype = torch.float32) -> Problem:
-    return Problem.random(37, 40, 101, dtype, DEVICE, seed=3)
+def _problem(dtype: torch.dtype = torch.float32, cls: type[Problem] = Problem) -> Problem:
+    return cls.random(37, 40, 101, dtype, DEVICE, seed=3)
 
 
 def _fake_cost(tiles: LogprobTiles) -> float:
@@ -58,7 +58,7 @@ def test_descent_picks_the_fastest_option_of_every_knob(monkeypatch) -> None:
         return costs[0]
 
     monkeypatch.setattr(logprobs_tune, "time_ms", fake_time)
-    problem = CostedProblem(**{f: getattr(_problem(), f) for f in Problem.__dataclass_fields__})
+    problem = _problem(cls=CostedProblem)
     best, trials = tune(problem, START, repeats=1, kernels=("fwd", "dw"))
 
     assert best.fwd == replace(FAST_FWD, group_m=START.fwd.group_m) and best.fwd_split_divisor == 4
@@ -90,7 +90,7 @@ def test_candidates_with_wrong_outputs_are_rejected(monkeypatch) -> None:
         return costs[0]
 
     monkeypatch.setattr(logprobs_tune, "time_ms", fake_time)
-    problem = BrokenProblem(**{f: getattr(_problem(), f) for f in Problem.__dataclass_fields__})
+    problem = _problem(cls=BrokenProblem)
     best, trials = tune(problem, START, repeats=1, kernels=("fwd",))
 
     label = replace(FAST_FWD, group_m=START.fwd.group_m).label()
