@@ -18,6 +18,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo test pytest ctest lint bench setup clean
 
+# vLLM's INFO lines (engine config, per-sync reload notes) drown the demo's progress bars; warnings still show.
+demo: export VLLM_LOGGING_LEVEL ?= WARNING
 demo: setup
 	$(BIN)/bao-fast demo
 

@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -43,6 +44,26 @@ from bao_fast.rollout.engine import Generation, GenerationParams, validate_promp
 from bao_fast.rollout.weight_sync import iter_full_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's ``<...>RotaryEmbedding: Failed to load weights`` warning, which every ``reload_weights``
+    logs: rotary layers hold only a cos/sin cache computed at construction (never part of a checkpoint), which
+    vLLM puts back unchanged. The same warning for any other layer still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (
+            record.msg == "%s: Failed to load weights" and args and str(args[0]).endswith("RotaryEmbedding")
+        )
+
+
+def quiet_rotary_reload_warning() -> None:
+    """Install ``RotaryReloadFilter`` on vLLM's layer-wise reload logger (once per process)."""
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(RotaryReloadFilter())
 
 
 class VLLMEngine:
@@ -107,6 +128,7 @@ class VLLMEngine:
         else:
             kwargs.update(kv_cache_memory_bytes=int(cfg.cpu_kv_cache_gib * 2**30), enforce_eager=True)
         llm = LLM(**kwargs)
+        quiet_rotary_reload_warning()
         return cls(
             llm,
             max_model_len=cfg.max_model_len,

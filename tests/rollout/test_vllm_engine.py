@@ -3,6 +3,8 @@ sampling, stops and limits, weight sync (outputs follow new weights, no stale pr
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -81,12 +83,29 @@ def test_sleep_and_wake_are_noops_on_cpu(engine):
     assert [g.token_ids for g in engine.generate(PROMPTS, params)] == before
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_weight_sync_outputs_follow_new_weights(engine, tiny_model_dir, reference):
+    from bao_fast.rollout.vllm_engine import _RELOAD_LOGGER
+
     params = GenerationParams(max_tokens=8, temperature=0.0)
     before = [g.token_ids for g in engine.generate(PROMPTS, params)]  # also fills the prefix cache
     policy = load_hf(tiny_model_dir)
     perturb_(policy, seed=7)
-    engine.sync_weights_from(policy)
+    records = _Records()
+    logging.getLogger(_RELOAD_LOGGER).addHandler(records)
+    try:
+        engine.sync_weights_from(policy)
+    finally:
+        logging.getLogger(_RELOAD_LOGGER).removeHandler(records)
+    assert not [m for m in records.messages if "Failed to load weights" in m]  # the rotary warning is dropped
     after = engine.generate(PROMPTS, params)
     assert [g.token_ids for g in after] == [reference_greedy(policy, p, 8, {EOS}) for p in PROMPTS]
     assert [g.token_ids for g in after] != before
@@ -94,6 +113,20 @@ def test_weight_sync_outputs_follow_new_weights(engine, tiny_model_dir, referenc
     torch.testing.assert_close(torch.tensor(after[0].logprobs, dtype=torch.float64), expected, atol=1e-3, rtol=0)
     engine.sync_weights_from(reference)  # and back: the engine serves the original weights again
     assert [g.token_ids for g in engine.generate(PROMPTS, params)] == before
+
+
+def test_rotary_reload_filter_drops_only_the_rotary_warning():
+    from bao_fast.rollout.vllm_engine import RotaryReloadFilter
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("vllm", logging.WARNING, __file__, 1, msg, args, None)
+
+    keep = RotaryReloadFilter().filter
+    assert not keep(record("%s: Failed to load weights", "RotaryEmbedding"))
+    assert not keep(record("%s: Failed to load weights", "YaRNScalingRotaryEmbedding"))
+    assert keep(record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert keep(record("%s: Delayed processing", "RotaryEmbedding"))
+    assert keep(record("Reloading weights inplace..."))
 
 
 class _RecordingLLM:
