@@ -102,10 +102,16 @@ def liger_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) 
     return -loss.float(), None
 
 
-def cce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
-    from cut_cross_entropy import linear_cross_entropy
+def cce(impl: str) -> LogprobFn:
+    """cut-cross-entropy's ``linear_cross_entropy`` with backend ``impl`` (``cce``: its Triton kernels, CUDA
+    only; ``torch_compile``: its compiled PyTorch path, the one that runs on the CPU)."""
 
-    return -linear_cross_entropy(hidden, weight, targets, reduction="none").float(), None
+    def run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
+        from cut_cross_entropy import linear_cross_entropy
+
+        return -linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl).float(), None
+
+    return run
 
 
 def implementations(device: torch.device, with_compile: bool) -> dict[str, tuple[LogprobFn | None, str]]:
@@ -116,21 +122,19 @@ def implementations(device: torch.device, with_compile: bool) -> dict[str, tuple
         "bao_fast": (fused(True), ""),
         "bao_fast_no_entropy": (fused(False), ""),
     }
-    if with_compile:
-        impls["compile"] = (torch.compile(eager), "")
-    else:
-        impls["compile"] = (None, "torch.compile baseline runs on CUDA by default (pass --compile on CPU)")
+    impls["compile"] = (torch.compile(eager), "") if with_compile else (None, "--no-compile was given")
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):
         impls["torch_chunked_ce"] = (torch_chunked_ce, "")
     else:
         impls["torch_chunked_ce"] = (None, f"torch {torch.__version__} has no LinearCrossEntropyOptions")
-    for name, module, fn in (("liger", "liger_kernel", liger_ce), ("cce", "cut_cross_entropy", cce)):
-        if importlib.util.find_spec(module) is None:
-            impls[name] = (None, f"{module} is not installed")
-        elif not cuda:
-            impls[name] = (None, f"{module} needs a CUDA device")
-        else:
-            impls[name] = (fn, "")
+    if importlib.util.find_spec("liger_kernel") is None:
+        impls["liger"] = (None, "liger_kernel is not installed")
+    else:
+        impls["liger"] = (liger_ce, "") if cuda else (None, "liger_kernel's fused linear cross-entropy needs CUDA")
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        impls["cce"] = (None, "cut_cross_entropy is not installed")
+    else:
+        impls["cce"] = (cce("cce" if cuda else "torch_compile"), "")
     return impls
 
 
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one small shape, no results file (smoke run)")
     parser.add_argument("--head-only", action="store_true", help="only the preset's headline (PERF.md) shape")
-    parser.add_argument("--compile", action="store_true", help="include torch.compile on the CPU too")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--probe-memory", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_memory:
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = torch.device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    impls = implementations(device, with_compile=args.compile or device.type == "cuda")
+    impls = implementations(device, with_compile=not args.no_compile)
     results: list[dict] = []
     for case in presets(preset, args.repeats, args.quick, args.head_only):
         rows = bench_case(case, device, impls)
