@@ -140,7 +140,12 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """DCP checkpoints under ``<run_dir>/checkpoints`` every ``save_every`` steps (0 = only at the end)."""
+    """DCP checkpoints for exact resume every ``save_every`` steps, keeping the last ``keep_last`` (0 = all).
+    RL: under ``<run_dir>/checkpoints``, per RL step, and always at the last step (``save_every`` 0 = only
+    there). SFT: under ``<run_dir>/sft-checkpoints``, per SFT optimiser step, never at its last step (its end
+    is the ``sft-model`` export, which then replaces them; 0 = none). ``resume`` continues from the latest
+    checkpoint (and reuses a finished SFT export); false starts over, deleting them. ``export_hf`` writes the
+    RL result to ``<run_dir>/final-model``."""
 
     save_every: int = 10
     keep_last: int = 2

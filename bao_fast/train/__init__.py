@@ -1,6 +1,7 @@
 """Trainers: behaviour-enhanced SFT, BAO multi-turn GRPO, FSDP2 wrapping, checkpoints.
 
-- ``sft.py``: teacher episodes -> packed assistant-only NLL -> ``<run_dir>/sft-model`` (``bao-fast sft``).
+- ``sft.py``: teacher episodes -> packed assistant-only NLL -> ``<run_dir>/sft-model`` (``bao-fast sft``),
+  resumable from ``<run_dir>/sft-checkpoints`` until the export is written.
 - ``rl.py``: the BAO loop, one function per algorithm step (``bao-fast train``, SFT first when enabled).
 - ``demo.py``: the embedded default run and its SFT-vs-RL report (``bao-fast demo``).
 - ``fsdp.py``: process group, device mesh, the FSDP2-sharded :class:`~bao_fast.train.fsdp.Policy`.

@@ -1,6 +1,6 @@
 """Checkpoints for exact resume (torch.distributed.checkpoint) and HF exports.
 
-Layout under a run's ``checkpoints/`` directory::
+Layout under a run's ``checkpoints/`` (RL) or ``sft-checkpoints/`` (SFT) directory::
 
     step-000010/            one complete checkpoint (directories appear only by an atomic rename)
       .metadata, __*.distcp model + optimiser shards written by DCP
@@ -66,6 +66,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under ``root``, or None."""
     dirs = _step_dirs(Path(root))
     return dirs[-1][1] if dirs else None
+
+
+def resume_checkpoint(root: str | Path, resume: bool) -> Path | None:
+    """The checkpoint a run continues from: the latest complete one under ``root`` when ``resume``.
+    Otherwise None, and rank 0 deletes ``root``, so that the new run's checkpoints never mix with an older
+    run's (``keep_last`` prunes by step number, and a later resume picks the highest step)."""
+    if resume:
+        return latest_checkpoint(root)
+    if dist.get_rank() == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    return None
 
 
 def save_checkpoint(

@@ -63,7 +63,8 @@ def _jsonable(value: Any) -> Any:
 class MetricsLogger:
     """Writes one JSON object per ``log`` call to ``<run_dir>/<name>.jsonl`` and mirrors scalars to
     TensorBoard / wandb when enabled. ``progress`` drives a rich bar over ``total`` steps. ``resume_step``
-    drops records of steps after it (written by a run that died before its next checkpoint)."""
+    drops records of steps after it (written by a run that died before its next checkpoint; -1 drops all: a
+    fresh start over an earlier run's directory)."""
 
     def __init__(
         self, run_dir: str | Path, cfg: LoggingConfig, *, name: str, total: int, enabled: bool = True,

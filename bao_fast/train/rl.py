@@ -45,7 +45,7 @@ from bao_fast.eval.metrics import summarize
 from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
 from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, Trajectory, run_episodes
-from bao_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from bao_fast.train.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, init_distributed, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -448,7 +448,8 @@ def _restore(s: RLSetup, state: RLState, checkpoint: Path) -> None:
 def train_rl(
     cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedTokenizerBase, *, stop_after: int | None = None
 ) -> list[dict[str, Any]]:
-    """The BAO loop from ``model_path`` (resuming from the latest checkpoint when ``checkpoint.resume``).
+    """The BAO loop from ``model_path`` (resuming from the latest checkpoint when ``checkpoint.resume``,
+    otherwise starting over).
 
     ``stop_after`` ends the run after that step (as if killed right after it; used by resume tests).
     Returns the eval summaries (step 0 = the starting model, then every ``eval_every`` and the last step).
@@ -457,11 +458,12 @@ def train_rl(
     s = setup(cfg, env, model_path, tokenizer)
     state = RLState(0, TaskSampler(len(s.train_tasks), derive_seed(cfg.seed, 9)),
                     NonFiniteGuard(cfg.train.max_nonfinite_steps))
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    checkpoint = resume_checkpoint(run_dir / "checkpoints", cfg.checkpoint.resume)
     if checkpoint is not None:
         _restore(s, state, checkpoint)
     logger = MetricsLogger(run_dir, cfg.logging, name="train", total=cfg.train.steps, enabled=env.is_main,
-                           run_config=config_to_dict(cfg), resume_step=state.step)
+                           run_config=config_to_dict(cfg),
+                           resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records
     logger.advance_to(state.step)
     try:
         if state.step == 0 and not state.evals:

@@ -7,6 +7,14 @@ from the chat template, every assistant message + eos as a trained segment, ever
 template's turn markers; ``bao_fast.rollout.ChatFormat``), packed without padding, and the policy is fully
 fine-tuned with the mean negative log-likelihood of the assistant tokens. A held-out fraction gives the
 eval loss after every epoch. The result is exported as a HF checkpoint at ``<run_dir>/sft-model``.
+
+SFT resumes exactly, like RL: every ``checkpoint.save_every`` optimiser steps an atomic DCP checkpoint
+(model, optimiser, RNG and :class:`SFTState`: step, epoch, position in the epoch's order, scheduler,
+non-finite guard, eval losses) goes to ``<run_dir>/sft-checkpoints``, keeping ``checkpoint.keep_last``. A
+rerun continues from the latest one with the same next batch (the data order derives from seeds), so it logs
+the losses an uninterrupted run would have. The export ends SFT: the last step writes no checkpoint, the
+checkpoints are deleted once the export exists, and a rerun reuses the export. ``checkpoint.resume=false``
+starts SFT over (an earlier export and checkpoints are deleted).
 """
 
 from __future__ import annotations
@@ -14,12 +22,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from bao_fast.config import Config, ConfigError, config_to_dict, load_config, save_config
@@ -28,7 +39,7 @@ from bao_fast.data.segments import pack_segments
 from bao_fast.envs import TEACHERS, make_tasks, make_teacher
 from bao_fast.models import load_tokenizer
 from bao_fast.rollout import ChatFormat
-from bao_fast.train.checkpoint import export_hf
+from bao_fast.train.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, init_distributed, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -36,6 +47,7 @@ from bao_fast.train.runtime import derive_seed, initial_model, lockstep, seed_ev
 
 Segments = list[tuple[str, list[int]]]
 SFT_MODEL_DIR = "sft-model"
+SFT_CHECKPOINT_DIR = "sft-checkpoints"
 MAX_ATTEMPTS_PER_TRAJECTORY = 4
 
 
@@ -127,62 +139,170 @@ def eval_loss(policy: Policy, data: list[Segments], env: DistEnv, micro_batch_to
     return total / max(count, 1.0)
 
 
-def train_sft(cfg: Config, env: DistEnv, init_path: Path, tokenizer: PreTrainedTokenizerBase) -> Path:
-    """Run SFT from ``init_path``; returns the exported HF checkpoint (reused if it already exists)."""
-    out = Path(cfg.run_dir) / SFT_MODEL_DIR
-    if (out / "config.json").is_file():
-        return out
+@dataclass
+class SFTState:
+    """Everything besides model/optimiser that exact resume needs (saved per rank in the checkpoint)."""
+
+    step: int
+    epoch: int
+    position: int  # index, in the epoch's order, of the next batch's first trajectory
+    guard: NonFiniteGuard
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class SFTSetup:
+    """The objects one SFT run holds."""
+
+    cfg: Config
+    env: DistEnv
+    policy: Policy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train: list[Segments]
+    held_out: list[Segments]
+    total_steps: int
+
+
+def setup(cfg: Config, env: DistEnv, init_path: Path, tokenizer: PreTrainedTokenizerBase) -> SFTSetup:
+    """Teacher episodes split into train / held-out, the sharded policy, optimiser and schedule."""
     s = cfg.sft
-    seed_everything(derive_seed(cfg.seed, 2, env.rank))
     data = teacher_dataset(cfg, tokenizer)
     num_eval = int(len(data) * s.eval_fraction)
     order = np.random.default_rng(derive_seed(cfg.seed, 3)).permutation(len(data)).tolist()
     held_out, train = [data[i] for i in order[:num_eval]], [data[i] for i in order[num_eval:]]
-    steps_per_epoch = math.ceil(len(train) / s.batch_trajectories)
-    total_steps = s.epochs * steps_per_epoch
-
+    total_steps = s.epochs * math.ceil(len(train) / s.batch_trajectories)
     policy = load_policy(init_path, cfg.model, env)
     optimizer = build_optimizer(policy, s.optim)
     scheduler = build_scheduler(optimizer, s.optim, total_steps)
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
-    logger = MetricsLogger(cfg.run_dir, cfg.logging, name="sft", total=total_steps, enabled=env.is_main,
-                           run_config=config_to_dict(cfg))
-    step = 0
+    return SFTSetup(cfg, env, policy, optimizer, scheduler, train, held_out, total_steps)
+
+
+def next_batch(s: SFTSetup, state: SFTState) -> list[Segments]:
+    """The next ``sft.batch_trajectories`` trajectories of the epoch's seeded order (the epoch's last batch
+    may be smaller); advances ``state.position``."""
+    order = np.random.default_rng(derive_seed(s.cfg.seed, 4, state.epoch)).permutation(len(s.train)).tolist()
+    chunk = [s.train[i] for i in order[state.position : state.position + s.cfg.sft.batch_trajectories]]
+    state.position += len(chunk)
+    return chunk
+
+
+def sft_step(s: SFTSetup, state: SFTState, chunk: list[Segments]) -> dict[str, Any]:
+    """One optimiser step on ``chunk`` (each rank its share, micro-batched by token budget, normalised by
+    the global count of trained tokens); returns the step's metrics (identical on all ranks)."""
+    cfg, env = s.cfg.sft, s.env
+    t0 = time.perf_counter()
+    local = _shard(chunk, env)
+    batch = pack_segments(local or chunk[:1], env.device)
+    weight = 1.0 if local else 0.0
+    num_targets = sum_over_ranks([float(batch.target_rows.numel()) * weight])[0]
+    loss_sum = 0.0
+    for micro, w in lockstep(batch.split(cfg.micro_batch_tokens)):
+        nll, _ = _nll_sums(s.policy, micro, w * weight)
+        (nll / max(num_targets, 1.0)).backward()
+        loss_sum += float(nll.detach())
+    loss = sum_over_ranks([loss_sum])[0] / max(num_targets, 1.0)
+    grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
+    lr = s.scheduler.get_last_lr()[0]
+    applied = state.guard.check(state.step, loss=loss, grad_norm=grad_norm)
+    if applied:
+        s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return {
+        "epoch": state.epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": int(num_targets),
+        "skipped": not applied, "tokens_per_s": num_targets / (time.perf_counter() - t0),
+    }
+
+
+def _trainer_state(s: SFTSetup, state: SFTState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "position": state.position,
+        "num_train": len(s.train),
+        "guard": state.guard.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "evals": state.evals,
+    }
+
+
+def _restore(s: SFTSetup, state: SFTState, checkpoint: Path) -> None:
+    saved = load_checkpoint(checkpoint, s.policy, s.optimizer)
+    if saved["num_train"] != len(s.train):
+        raise ValueError(
+            f"SFT checkpoint {checkpoint} is for {saved['num_train']} training trajectories, this run has "
+            f"{len(s.train)}: resume with the same sft config, or set checkpoint.resume=false"
+        )
+    state.step, state.epoch, state.position = saved["step"], saved["epoch"], saved["position"]
+    state.guard.load_state_dict(saved["guard"])
+    s.scheduler.load_state_dict(saved["scheduler"])
+    state.evals = saved["evals"]
+
+
+def _status(metrics: dict[str, Any], state: SFTState) -> str:
+    last_eval = f" eval {state.evals[-1]['eval_loss']:.3f}" if state.evals else ""
+    return f"loss {metrics['loss']:.3f}{last_eval}"
+
+
+def train_sft(
+    cfg: Config, env: DistEnv, init_path: Path, tokenizer: PreTrainedTokenizerBase, *, stop_after: int | None = None
+) -> Path | None:
+    """Run SFT from ``init_path`` (resuming from the latest SFT checkpoint when ``checkpoint.resume``); returns
+    the exported HF checkpoint, reused if it already exists and ``checkpoint.resume``.
+
+    ``stop_after`` ends the run after that step, before the export (as if killed right after it; used by
+    resume tests), and returns None.
+    """
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / SFT_MODEL_DIR
+    if cfg.checkpoint.resume and (out / "config.json").is_file():
+        return out
+    if env.is_main:
+        shutil.rmtree(out, ignore_errors=True)  # an earlier run's export must not pass for this run's
+    seed_everything(derive_seed(cfg.seed, 2, env.rank))
+    s = setup(cfg, env, init_path, tokenizer)
+    state = SFTState(0, 0, 0, NonFiniteGuard(cfg.train.max_nonfinite_steps))
+    root = run_dir / SFT_CHECKPOINT_DIR
+    checkpoint = resume_checkpoint(root, cfg.checkpoint.resume)
+    if checkpoint is not None:
+        _restore(s, state, checkpoint)
+    logger = MetricsLogger(run_dir, cfg.logging, name="sft", total=s.total_steps, enabled=env.is_main,
+                           run_config=config_to_dict(cfg),
+                           resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records
+    logger.advance_to(state.step)
     try:
-        for epoch in range(s.epochs):
-            perm = np.random.default_rng(derive_seed(cfg.seed, 4, epoch)).permutation(len(train)).tolist()
-            for start in range(0, len(perm), s.batch_trajectories):
-                step += 1
-                t0 = time.perf_counter()
-                chunk = [train[i] for i in perm[start : start + s.batch_trajectories]]
-                local = _shard(chunk, env)
-                batch = pack_segments(local or chunk[:1], env.device)
-                weight = 1.0 if local else 0.0
-                num_targets = sum_over_ranks([float(batch.target_rows.numel()) * weight])[0]
-                loss_sum = 0.0
-                for micro, w in lockstep(batch.split(s.micro_batch_tokens)):
-                    nll, _ = _nll_sums(policy, micro, w * weight)
-                    (nll / max(num_targets, 1.0)).backward()
-                    loss_sum += float(nll.detach())
-                loss = sum_over_ranks([loss_sum])[0] / max(num_targets, 1.0)
-                grad_norm = float(clip_grad_norm(policy, s.optim.grad_clip))
-                lr = scheduler.get_last_lr()[0]
-                applied = guard.check(step, loss=loss, grad_norm=grad_norm)
-                if applied:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                metrics = {
-                    "epoch": epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                    "tokens": int(num_targets), "skipped": not applied,
-                    "tokens_per_s": num_targets / (time.perf_counter() - t0),
-                }
-                logger.log(step, metrics, status=f"loss {loss:.3f}")
-            logger.log(step, {"epoch": epoch, "eval_loss": eval_loss(policy, held_out, env, s.micro_batch_tokens)})
-        export_hf(policy, tokenizer, out)
+        while state.epoch < cfg.sft.epochs:
+            state.step += 1
+            metrics = sft_step(s, state, next_batch(s, state))
+            logger.log(state.step, metrics, status=_status(metrics, state))
+            if state.position == len(s.train):
+                loss = eval_loss(s.policy, s.held_out, env, cfg.sft.micro_batch_tokens)
+                state.evals.append({"epoch": state.epoch, "eval_loss": loss})
+                logger.log(state.step, state.evals[-1], status=_status(metrics, state))
+                state.epoch, state.position = state.epoch + 1, 0
+            save_every = cfg.checkpoint.save_every
+            if state.epoch < cfg.sft.epochs and save_every and state.step % save_every == 0:
+                save_checkpoint(root, state.step, s.policy, s.optimizer, _trainer_state(s, state),
+                                keep_last=cfg.checkpoint.keep_last)
+            if stop_after is not None and state.step >= stop_after:
+                return None
+        export_hf(s.policy, tokenizer, out)
+        if env.is_main:
+            shutil.rmtree(root, ignore_errors=True)  # only an unfinished SFT resumes from them
     finally:
         logger.close()
     return out
+
+
+def run_sft(cfg: Config, *, stop_after: int | None = None) -> Path | None:
+    """The ``bao-fast sft`` pipeline of one config: the initial model, then :func:`train_sft`."""
+    env = init_distributed()
+    if env.is_main:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    init_path = initial_model(cfg, env)
+    return train_sft(cfg, env, init_path, load_tokenizer(init_path), stop_after=stop_after)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,14 +313,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """SFT only: writes ``<run_dir>/sft-model`` (use ``bao-fast train`` to continue with RL)."""
     cfg = load_config(args.config, args.overrides)
-    env = init_distributed()
     try:
-        if env.is_main:
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-        init_path = initial_model(cfg, env)
-        path = train_sft(cfg, env, init_path, load_tokenizer(init_path))
-        if env.is_main:
+        path = run_sft(cfg)
+        if dist.get_rank() == 0:
             print(f"SFT model: {path}")
     finally:
         shutdown_distributed()

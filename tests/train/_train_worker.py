@@ -2,8 +2,9 @@
 
 Registers a one-turn "coin" gym whose reward depends on the parity of the generated text's length, so a
 random-weight tiny model gets varied rewards (non-zero GRPO advantages) in a few tokens. Then runs
-``bao_fast.train.rl.train`` on the config built from argv[1] (JSON: {"overrides": [...],
-"stop_after": int | null}) and, on rank 0, writes {"evals": ..., "world_size": ...} to argv[2].
+``bao_fast.train.rl.train`` (or, with "stage": "sft", ``bao_fast.train.sft.run_sft``) on the config built
+from argv[1] (JSON: {"config": path | null, "overrides": [...], "stop_after": int | null, "stage": ...}) and,
+on rank 0, writes {"evals": ...} (or {"model": path | null}) and "world_size" to argv[2].
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from bao_fast.config import load_config
 from bao_fast.envs import GYMS, TASKS
 from bao_fast.envs.base import Gym, Outcome, StepResult, ToolCall
 from bao_fast.train.rl import train
+from bao_fast.train.sft import run_sft
 
 
 class CoinGym(Gym):
@@ -49,11 +51,15 @@ def main() -> None:
     GYMS["coin"] = CoinGym
     TASKS["coin"] = coin_tasks
     spec = json.loads(sys.argv[1])
-    cfg = load_config(None, spec["overrides"])
-    evals = train(cfg, stop_after=spec.get("stop_after"))
+    cfg = load_config(spec.get("config"), spec["overrides"])
+    if spec.get("stage") == "sft":
+        model = run_sft(cfg, stop_after=spec.get("stop_after"))
+        result: dict[str, Any] = {"model": model and str(model)}
+    else:
+        result = {"evals": train(cfg, stop_after=spec.get("stop_after"))}
     if dist.get_rank() == 0:
         with open(sys.argv[2], "w") as f:
-            json.dump({"evals": evals, "world_size": dist.get_world_size()}, f)
+            json.dump({**result, "world_size": dist.get_world_size()}, f)
     dist.destroy_process_group()
 
 

@@ -108,6 +108,15 @@ def test_resume_after_stop_reproduces_the_next_step(hf_run: Path, tmp_path: Path
         assert torch.equal(final[key], value), key
 
 
+def test_resume_false_starts_over(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_run(run_dir, ["rollout.engine=hf", "train.steps=2", "train.eval_every=0"])
+    train_run(run_dir, ["rollout.engine=hf", "train.steps=1", "train.eval_every=0", "checkpoint.resume=false"])
+    # the earlier run's step-2 checkpoint would outrank this run's, and its records would mix with this run's
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]
+    assert [r["step"] for r in read_jsonl(run_dir / "train.jsonl")] == [0, 1]  # eval of the start, step 1
+
+
 def test_sft_cli_trains_on_teacher_episodes(tmp_path: Path) -> None:
     run_dir = tmp_path / "sft"
     cmd = [sys.executable, "-m", "bao_fast.cli", "sft", "--config", DEMO_CONFIG, f"run_dir={run_dir}",

@@ -1,0 +1,106 @@
+"""SFT resumes exactly: a run stopped after a step and rerun logs the losses, and exports the weights, of an
+uninterrupted run; only complete checkpoints exist; ``checkpoint.resume=false`` starts over.
+
+Six optimiser steps (two epochs of three), checkpoints every two steps keeping one, on one rank. The stopped
+run ends after step 5: its checkpoint is step 4 (mid-epoch 1, after an eval), and its step-5 record is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bao_fast.train.checkpoint import latest_checkpoint
+from bao_fast.train.logging import read_jsonl
+
+from .conftest import run_worker
+
+pytestmark = pytest.mark.slow
+
+DEMO_CONFIG = str(Path(__file__).parents[2] / "configs" / "demo-cpu.yaml")
+BASE = [
+    "sft.num_trajectories=7", "sft.eval_fraction=0.15", "sft.epochs=2", "sft.batch_trajectories=2",
+    "sft.micro_batch_tokens=1600", "checkpoint.save_every=2", "checkpoint.keep_last=1", "logging.progress=false",
+]
+STOP = 5
+VOLATILE = ("time", "tokens_per_s")
+
+
+def sft_run(run_dir: Path, overrides: tuple[str, ...] = (), stop_after: int | None = None) -> str | None:
+    """Run SFT on ``run_dir`` in a fresh process; returns the exported model's path (None when stopped)."""
+    spec = {"config": DEMO_CONFIG, "overrides": [*BASE, f"run_dir={run_dir}", *overrides],
+            "stop_after": stop_after, "stage": "sft"}
+    out = run_dir.with_suffix(".json")
+    run_worker("_train_worker.py", [json.dumps(spec), str(out)], timeout=200)
+    return json.loads(out.read_text())["model"]
+
+
+def stable(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_jsonl(run_dir / "sft.jsonl")]
+
+
+def assert_same_model(run_dir: Path, reference: Path) -> None:
+    final = load_file(run_dir / "sft-model" / "model.safetensors")
+    expected = load_file(reference / "sft-model" / "model.safetensors")
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert sft_run(run_dir) == str(run_dir / "sft-model")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    assert sft_run(run_dir, stop_after=STOP) is None
+    return run_dir
+
+
+@pytest.fixture
+def stopped_copy(stopped: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    return run_dir
+
+
+def test_straight_run_logs_every_step_and_leaves_no_checkpoints(straight: Path) -> None:
+    assert [(r["step"], "eval_loss" in r) for r in stable(straight)] == [
+        (1, False), (2, False), (3, False), (3, True), (4, False), (5, False), (6, False), (6, True)
+    ]
+    assert not (straight / "sft-checkpoints").exists()  # the export replaced them
+
+
+def test_resume_after_stop_reproduces_the_straight_run(straight: Path, stopped_copy: Path) -> None:
+    run_dir, root = stopped_copy, stopped_copy / "sft-checkpoints"
+    assert not (run_dir / "sft-model").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004"]  # complete only, keep_last=1
+    assert latest_checkpoint(root) == root / "step-000004"
+    assert stable(run_dir)[-1]["step"] == STOP  # a record past the checkpoint: stale on resume
+    (root / ".tmp-step-000006").mkdir()  # a write that crashed: never resumed from
+    assert sft_run(run_dir) == str(run_dir / "sft-model")
+    assert stable(run_dir) == stable(straight)
+    assert_same_model(run_dir, straight)
+    assert not root.exists()
+
+
+def test_resume_false_starts_over(straight: Path, stopped_copy: Path) -> None:
+    run_dir = stopped_copy
+    first_time = read_jsonl(run_dir / "sft.jsonl")[0]["time"]
+    (run_dir / "sft-checkpoints" / "step-000005").mkdir()  # not a loadable checkpoint
+    (run_dir / "sft-model").mkdir()
+    (run_dir / "sft-model" / "config.json").write_text("{}")  # an earlier export: not reused
+    assert sft_run(run_dir, ("checkpoint.resume=false",)) == str(run_dir / "sft-model")
+    assert read_jsonl(run_dir / "sft.jsonl")[0]["time"] > first_time  # step 1 was trained again
+    assert stable(run_dir) == stable(straight)
+    assert_same_model(run_dir, straight)
+    assert not (run_dir / "sft-checkpoints").exists()
