@@ -61,7 +61,12 @@ ctest: setup
 lint: $(STAMPS)/deps
 	$(BIN)/ruff check bao_fast kernels tests benchmarks tools setup.py
 
-bench: setup
+# Optional baselines of the benchmarks (cut-cross-entropy runs on the CPU too); GPU setups install them already.
+$(STAMPS)/bench-deps: $(STAMPS)/deps
+	$(BIN)/pip install -q --no-build-isolation -e ".[bench]"
+	@touch $@
+
+bench: setup $(STAMPS)/bench-deps
 	$(BIN)/bao-fast bench
 
 clean:
