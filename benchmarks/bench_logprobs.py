@@ -2,8 +2,9 @@
 
 Baselines, in the same run and on the same inputs: torch eager (fp32 ``log_softmax`` + gather, entropy from
 the full distribution), ``torch.compile`` of it, torch's chunked ``F.linear_cross_entropy``
-(``LinearCrossEntropyOptions``), liger-kernel's fused linear cross-entropy and cut-cross-entropy. The last
-three return a per-token loss (= -logp) and no entropy, so they are compared with ``bao_fast`` without
+(``LinearCrossEntropyOptions``), liger-kernel's fused linear cross-entropy (CUDA only) and cut-cross-entropy
+(its Triton kernels on CUDA, its ``torch_compile`` backend on the CPU). The last three
+return a per-token loss (= -logp) and no entropy, so they are compared with ``bao_fast`` without
 entropy as well. Baselines that are not installed or not supported on the device are recorded as skipped,
 with the reason.
 
