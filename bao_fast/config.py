@@ -63,7 +63,10 @@ class EnvConfig:
 @dataclass
 class RolloutConfig:
     """Multi-turn generation. ``engine: vllm`` colocates vLLM in the training processes; ``hf`` uses
-    transformers ``generate``. ``max_model_len`` bounds prompt + all turns (BAO.md end condition)."""
+    transformers ``generate``. ``max_model_len`` bounds prompt + all turns (BAO.md end condition).
+    ``old_logprobs``: ``recompute`` (the policy's before the update: one no-grad forward over every mini-batch
+    but the first, whose first training forward still runs on the rollout's weights) or ``engine`` (the
+    engine's sampling log-probs, no forward)."""
 
     engine: Literal["vllm", "hf"] = "vllm"
     group_size: int = 8

@@ -5,7 +5,9 @@ One RL step, as :func:`rl_step` reads top to bottom:
 1. sample ``rollout.prompts_per_step`` training tasks (resumable cursor); each rank takes its share;
 2. push the policy's weights into the colocated engine and roll out ``group_size`` episodes per task;
 3. pack all trajectories into one padding-free batch;
-4. old log-probs: recompute with the policy (default) or take the engine's; reference log-probs for KL;
+4. old log-probs: recompute with the policy (default) or take the engine's; reference log-probs for KL.
+   Recompute skips the first mini-batch: its first update runs on the old weights, so its training forward
+   supplies them (all of them with one mini-batch and one PPO epoch: no extra forward at all);
 5. shaped advantages: BAO penalties, turn credits, trajectory scores, group normalisation, per token;
 6. for each PPO epoch and mini-batch of prompts: clipped-ratio loss over token-budget micro-batches
    (gradients accumulated, normalised by the global token / sequence count), clip, optimiser step —
@@ -118,12 +120,14 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     # 3. pack
     batch = pack_segments([t.segments for t in trajectories], env.device)
 
-    # 4. old (and reference) log-probs, row-aligned: row t scores token t+1
+    # 4. old (and reference) log-probs, row-aligned: row t scores token t+1 (recompute: the first
+    # mini-batch's come from its first training forward, see policy_update)
     t0 = time.perf_counter()
+    cuts = minibatch_cuts(cfg, batch)
     if r.old_logprobs == "engine":
         old_logp = engine_row_logprobs(trajectories, batch)
     else:
-        old_logp = forward_logprobs(s.policy, batch, r.temperature, cfg.train.micro_batch_tokens)
+        old_logp = forward_logprobs(s.policy, batch, r.temperature, cfg.train.micro_batch_tokens, start=cuts[1])
     ref_logp = None
     if s.ref_policy is not None:
         ref_logp = forward_logprobs(s.ref_policy, batch, r.temperature, cfg.train.micro_batch_tokens)
@@ -141,7 +145,7 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
 
     # 6. PPO epochs over mini-batches of prompts, micro-batched by token budget
     t0 = time.perf_counter()
-    update = policy_update(s, state, batch, old_logp, shaped.token_advantages, ref_logp)
+    update = policy_update(s, state, batch, cuts, old_logp, shaped.token_advantages, ref_logp)
     times["update"] = time.perf_counter() - t0
 
     metrics = rollout_metrics(trajectories, batch, env)
@@ -190,12 +194,20 @@ def rollout(
     )
 
 
-def forward_logprobs(policy: Policy, batch: PackedBatch, temperature: float, max_tokens: int) -> torch.Tensor:
-    """float32[T] row-aligned log-probs of the batch's targets without gradients (0 on untrained rows)."""
+def forward_logprobs(
+    policy: Policy, batch: PackedBatch, temperature: float, max_tokens: int, start: int = 0
+) -> torch.Tensor:
+    """float32[T] row-aligned log-probs of the targets of trajectories ``start:`` without gradients (0 on
+    untrained rows and on the rows of trajectories before ``start``). Every rank must pass a ``start`` that
+    leaves it trajectories, or all ranks one that leaves none."""
     out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.device)
+    if start == batch.num_sequences:
+        return out
     offsets = batch.host_offsets().tokens.tolist()
+    rest = batch.select(start, batch.num_sequences)
+    bounds = [(a + start, b + start) for a, b in rest.micro_batch_bounds(max_tokens)]
     with torch.no_grad():
-        for (a, b), weight in lockstep(batch.micro_batch_bounds(max_tokens)):
+        for (a, b), weight in lockstep(bounds):
             logp = policy(batch.select(a, b), temperature=temperature)
             if weight:
                 out[offsets[a] : offsets[b]] = logp
@@ -213,27 +225,38 @@ def engine_row_logprobs(trajectories: list[Trajectory], batch: PackedBatch) -> t
     return torch.roll(per_token, -1) * batch.target_mask
 
 
+def minibatch_cuts(cfg: Config, batch: PackedBatch) -> list[int]:
+    """Trajectory boundaries of this rank's share of every mini-batch: the same number of mini-batches,
+    each of whole groups and at least one per rank, on every rank."""
+    num_minibatches = cfg.rollout.prompts_per_step // cfg.train.mini_batch_size
+    local_prompts = batch.num_sequences // cfg.rollout.group_size
+    return [i * local_prompts // num_minibatches * cfg.rollout.group_size for i in range(num_minibatches + 1)]
+
+
 def policy_update(
     s: RLSetup,
     state: RLState,
     batch: PackedBatch,
+    cuts: list[int],
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     ref_logp: torch.Tensor | None,
 ) -> dict[str, float]:
-    """PPO epochs × mini-batches of prompts (one optimiser step each); returns the loss statistics
-    averaged over trained tokens (or sequences), the mean grad norm, the lr and the skipped updates."""
-    cfg, group = s.cfg, s.cfg.rollout.group_size
-    num_minibatches = cfg.rollout.prompts_per_step // cfg.train.mini_batch_size
-    local_prompts = batch.num_sequences // group
-    # the same number of mini-batches, each of whole groups, on every rank
-    cuts = [i * local_prompts // num_minibatches * group for i in range(num_minibatches + 1)]
+    """PPO epochs × mini-batches ``cuts`` of prompts (one optimiser step each); returns the loss statistics
+    averaged over trained tokens (or sequences), the mean grad norm, the lr and the skipped updates.
+    With ``rollout.old_logprobs=recompute`` the first mini-batch's rows of ``old_logp`` are filled by its
+    first update (on the old weights) and reused by later epochs."""
+    cfg = s.cfg
+    num_minibatches = len(cuts) - 1
+    recompute = cfg.rollout.old_logprobs == "recompute"
     with_entropy = cfg.train.entropy_every > 0 and state.step % cfg.train.entropy_every == 0
     totals: dict[str, float] = {}
     grad_norms, skipped, lr = [], 0, s.scheduler.get_last_lr()[0]
-    for _ in range(cfg.train.ppo_epochs):
+    for epoch in range(cfg.train.ppo_epochs):
         for start, stop in itertools.pairwise(cuts):
-            stats = accumulate_gradients(s, batch, start, stop, old_logp, advantages, ref_logp, with_entropy)
+            on_policy = recompute and epoch == 0 and start == 0
+            stats = accumulate_gradients(s, batch, start, stop, old_logp, advantages, ref_logp, with_entropy,
+                                         fill_old_logp=on_policy)
             grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
             if state.guard.check(state.step, loss=stats["loss"], grad_norm=grad_norm):
                 s.optimizer.step()
@@ -260,11 +283,14 @@ def accumulate_gradients(
     advantages: torch.Tensor,
     ref_logp: torch.Tensor | None,
     with_entropy: bool,
+    fill_old_logp: bool = False,
 ) -> dict[str, float]:
     """Backward of the clipped-ratio loss of trajectories ``start:stop`` (this rank's part of one
     mini-batch) in token-budget micro-batches. Each micro-batch's loss is weighted by its share of the
     mini-batch's tokens (token-mean) or sequences (seq-mean-*) over ALL ranks, so the summed gradient is
-    that of the global mini-batch loss. Returns the global loss statistics of the mini-batch."""
+    that of the global mini-batch loss. ``fill_old_logp`` (the weights are still the rollout's): each
+    micro-batch's detached log-probs are written into ``old_logp`` first. Returns the global loss statistics
+    of the mini-batch."""
     cfg, loss_cfg = s.cfg, s.cfg.algo.loss
     by_sequence = loss_cfg.agg != "token-mean"
 
@@ -281,6 +307,8 @@ def accumulate_gradients(
         t0, t1 = offsets[a], offsets[b]
         out = s.policy(micro, temperature=cfg.rollout.temperature, return_entropy=with_entropy)
         logp, entropy = out if with_entropy else (out, None)
+        if fill_old_logp:
+            old_logp[t0:t1] = logp.detach()
         loss, stats = clipped_ratio_loss(
             logp, old_logp[t0:t1], advantages[t0:t1], micro.target_mask, cu_seqlens=micro.cu_seqlens,
             ref_logp=None if ref_logp is None else ref_logp[t0:t1], clip_low=loss_cfg.clip_low,

@@ -1,0 +1,107 @@
+"""The BAO policy update with recomputed old log-probs (``rollout.old_logprobs=recompute``).
+
+The first mini-batch's old log-probs come from its own first training forward (the weights are still the
+rollout's), so rl_step's extra no-grad forward only covers the other mini-batches, and none is left with one
+mini-batch. The update must equal the one whose old log-probs were all recomputed up front (``engine`` mode
+given those values), over several mini-batches and PPO epochs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from bao_fast.config import load_config
+from bao_fast.data.segments import pack_segments
+from bao_fast.models.tiny import create_tiny_model
+from bao_fast.train.fsdp import Policy
+from bao_fast.train.logging import NonFiniteGuard
+from bao_fast.train.optim import build_optimizer, build_scheduler
+from bao_fast.train.rl import forward_logprobs, minibatch_cuts, policy_update
+
+PROMPTS, GROUP, TEMPERATURE = 4, 2, 0.8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank():
+    """A gloo world of one (the update's collectives), unless the process already has one."""
+    created = not dist.is_initialized()
+    if created:
+        store = Path(tempfile.mkdtemp()) / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(3)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return torch.randint(3, 2048, (int(torch.randint(lo, hi, (1,), generator=gen)),), generator=gen).tolist()
+
+    trajectories = [
+        [("user", ids(4, 12)), ("assistant", ids(3, 15)), ("user", ids(2, 6)), ("assistant", ids(3, 15))]
+        for _ in range(PROMPTS * GROUP)
+    ]
+    return pack_segments(trajectories)
+
+
+def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, epochs: int,
+               old_logp: torch.Tensor | None = None):
+    """One policy_update on fresh weights; returns (policy, old_logp after it, stats, no-grad forwards)."""
+    cfg = load_config(None, [
+        "model.tiny=true", f"rollout.old_logprobs={old_logprobs}", f"rollout.group_size={GROUP}",
+        f"rollout.prompts_per_step={PROMPTS}", f"rollout.temperature={TEMPERATURE}",
+        f"train.mini_batch_size={mini_batch_size}", f"train.ppo_epochs={epochs}", "train.micro_batch_tokens=48",
+        "optim.lr=3e-3",
+    ])
+    policy = Policy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    no_grad_forwards: list[int] = []
+    policy.register_forward_pre_hook(
+        lambda _, args: no_grad_forwards.append(args[0].num_sequences) if not torch.is_grad_enabled() else None
+    )
+    optimizer = build_optimizer(policy, cfg.optim)
+    s = SimpleNamespace(cfg=cfg, policy=policy, optimizer=optimizer,
+                        scheduler=build_scheduler(optimizer, cfg.optim, 8))
+    cuts = minibatch_cuts(cfg, batch)
+    if old_logp is None:
+        old_logp = forward_logprobs(policy, batch, TEMPERATURE, cfg.train.micro_batch_tokens, start=cuts[1])
+    advantages = torch.randn(batch.num_tokens, generator=torch.Generator().manual_seed(5)) * batch.target_mask
+    state = SimpleNamespace(step=1, guard=NonFiniteGuard(3))
+    stats = policy_update(s, state, batch, cuts, old_logp, advantages, None)
+    return policy, old_logp, stats, no_grad_forwards
+
+
+@pytest.mark.parametrize(("mini_batch_size", "epochs"), [(PROMPTS, 1), (PROMPTS // 2, 2)])
+def test_first_minibatch_reuses_its_training_forward(model_dir, batch, mini_batch_size, epochs):
+    upfront = Policy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    expected_old = forward_logprobs(upfront, batch, TEMPERATURE, 48)
+    reference, _, ref_stats, _ = run_update(model_dir, batch, "engine", mini_batch_size, epochs,
+                                            old_logp=expected_old.clone())
+    policy, old_logp, stats, no_grad = run_update(model_dir, batch, "recompute", mini_batch_size, epochs)
+
+    num_minibatches = PROMPTS // mini_batch_size
+    per_minibatch = PROMPTS * GROUP // num_minibatches
+    # the up-front forward covered only the mini-batches after the first (none with one mini-batch)
+    assert sum(no_grad) == PROMPTS * GROUP - per_minibatch
+    torch.testing.assert_close(old_logp, expected_old, rtol=0, atol=1e-6)
+    assert stats["actor/approx_kl"] == pytest.approx(ref_stats["actor/approx_kl"], abs=1e-7)
+    assert stats["actor/loss"] == pytest.approx(ref_stats["actor/loss"], abs=1e-6)
+    moved = 0.0
+    for (name, p), q, init in zip(policy.named_parameters(), reference.parameters(), upfront.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+        moved = max(moved, (p - init).abs().max().item())
+    assert moved > 1e-4  # the update did something
