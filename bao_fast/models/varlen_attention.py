@@ -138,13 +138,19 @@ def sdpa_per_sequence_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``varlen_causal_attention``'s portable path: one causal SDPA call per sequence (same shapes)."""
+    """``varlen_causal_attention``'s portable path (same shapes): one causal SDPA call per run of consecutive
+    equal-length sequences, batched over the run (a batch of equal lengths costs what padding would)."""
     gqa = key.shape[1] != query.shape[1]
-    lens = [n for n in seq_lens if n > 0]  # empty sequences own no rows
-    outs = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-        for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2), strict=True)
-    ]
+    runs = [(n, len(list(group))) for n, group in itertools.groupby(seq_lens) if n > 0]  # (length, count)
+    sizes = [n * count for n, count in runs]
+    outs = []
+    for (n, count), q, k, v in zip(runs, query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2),
+                                   strict=True):
+        # [1, H, count * n, D] -> [count, H, n, D] (a view)
+        q, k, v = (x.unflatten(2, (count, n)).squeeze(0).transpose(0, 1) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=gqa)
+        outs.append(out.transpose(0, 1).flatten(1, 2).unsqueeze(0))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 

@@ -43,6 +43,7 @@ BATCHES = {
     "mixed": [[7, 12, 3, 9], [1, 5], [4, 30, 2, 6], [2, 3]],
     "single_token_trajectory": [[5, 8], [0, 1], [3, 4, 2, 7]],  # the middle one is one assistant token
     "one_trajectory": [[6, 11, 4, 9]],
+    "equal_lengths": [[4, 6], [5, 5], [7, 3], [2, 9]],  # three of 10 tokens: one batched attention call
 }
 
 
@@ -149,10 +150,10 @@ def _dense_reference(q, k, v, seq_lens, scale):
     return (torch.softmax(scores, -1) @ v).transpose(1, 2)
 
 
+@pytest.mark.parametrize("seq_lens", [[5, 0, 1, 17, 3], [4, 4, 0, 4, 9, 9, 1, 1, 1, 0, 6]])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
-def test_varlen_causal_attention_matches_dense(heads: int, kv_heads: int) -> None:
+def test_varlen_causal_attention_matches_dense(heads: int, kv_heads: int, seq_lens: list[int]) -> None:
     gen = torch.Generator().manual_seed(heads)
-    seq_lens = [5, 0, 1, 17, 3]
     t, d = sum(seq_lens), 24
     q = torch.randn(1, heads, t, d, dtype=torch.float64, generator=gen)
     k, v = (torch.randn(1, kv_heads, t, d, dtype=torch.float64, generator=gen) for _ in range(2))
