@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+def remove_outputs(paths: Iterable[str | Path]) -> None:
+    """Collectively delete ``paths`` (directories or files; missing ones are fine): rank 0 deletes, then every
+    rank passes a barrier. Failures raise: a stale checkpoint left behind would outrank the new run's."""
+    if dist.get_rank() == 0:
+        for path in map(Path, paths):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    dist.barrier()
+
+
 def resume_checkpoint(root: str | Path, resume: bool) -> Path | None:
-    """The checkpoint a run continues from: the latest complete one under ``root`` when ``resume``.
-    Otherwise None, and rank 0 deletes ``root``, so that the new run's checkpoints never mix with an older
-    run's (``keep_last`` prunes by step number, and a later resume picks the highest step)."""
+    """The checkpoint a run continues from (collective): the latest complete one under ``root`` when
+    ``resume``. Otherwise None, and ``root`` is deleted, so that the new run's checkpoints never mix with an
+    older run's (``keep_last`` prunes by step number, and a later resume picks the highest step)."""
     if resume:
         return latest_checkpoint(root)
-    if dist.get_rank() == 0:
-        shutil.rmtree(root, ignore_errors=True)
+    remove_outputs([root])
     return None
 
 

@@ -102,6 +102,18 @@ class Policy(nn.Module):
         return packed_token_logprobs(self.hf, batch, temperature=temperature, return_entropy=return_entropy)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Turn every dropout of a transformers model off: ``nn.Dropout`` modules and the ``attention_dropout``
+    probability attention modules read from their config (applied only in train mode)."""
+    if isinstance(getattr(getattr(model, "config", None), "attention_dropout", None), float):
+        model.config.attention_dropout = 0.0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def _apply_liger(model: PreTrainedModel) -> bool:
     """Patch RMSNorm / RoPE / SwiGLU with liger-kernel (GPU only; the LM head stays ours). True if applied."""
     try:
@@ -117,12 +129,15 @@ def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
 
     GPU: parameters computed in ``cfg.dtype`` with float32 gradient reduction, liger-kernel patches when
     installed and ``cfg.use_liger``. CPU: float32 throughout. ``cfg.gradient_checkpointing`` recomputes
-    each decoder layer's activations in the backward pass.
+    each decoder layer's activations in the backward pass. The model is in train mode (transformers only
+    checkpoints then) with every dropout off, so its log-probs are deterministic.
     """
     hf = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32, attn_implementation=cfg.attn_implementation
     )
     hf.config.use_cache = False
+    disable_dropout(hf)
+    hf.train()
     on_gpu = env.device.type == "cuda"
     if on_gpu and cfg.use_liger:
         _apply_liger(hf)

@@ -88,7 +88,9 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise ImportError("logging.tensorboard=true needs the 'tensorboard' package") from exc
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / name))
+            # purge_step: on resume, events of the dropped steps go too (all of them for a fresh start)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / name), purge_step=purge)
         if cfg.wandb:
             try:
                 import wandb

@@ -7,7 +7,7 @@ One RL step, as :func:`rl_step` reads top to bottom:
 3. pack all trajectories into one padding-free batch;
 4. old log-probs: recompute with the policy (default) or take the engine's; reference log-probs for KL.
    Recompute skips the first mini-batch: its first update runs on the old weights, so its training forward
-   supplies them (all of them with one mini-batch and one PPO epoch: no extra forward at all);
+   supplies them (with one mini-batch, all of them: no extra forward at all);
 5. shaped advantages: BAO penalties, turn credits, trajectory scores, group normalisation, per token;
 6. for each PPO epoch and mini-batch of prompts: clipped-ratio loss over token-budget micro-batches
    (gradients accumulated, normalised by the global token / sequence count), clip, optimiser step —
@@ -47,7 +47,7 @@ from bao_fast.eval.metrics import summarize
 from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
 from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, Trajectory, run_episodes
-from bao_fast.train.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
+from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, init_distributed, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -64,6 +64,8 @@ from bao_fast.train.runtime import (
 from bao_fast.train.sft import train_sft
 
 FINAL_MODEL_DIR = "final-model"
+CHECKPOINT_DIR = "checkpoints"
+EVALS_FILE = "evals.json"
 
 
 @dataclass
@@ -486,7 +488,7 @@ def train_rl(
     s = setup(cfg, env, model_path, tokenizer)
     state = RLState(0, TaskSampler(len(s.train_tasks), derive_seed(cfg.seed, 9)),
                     NonFiniteGuard(cfg.train.max_nonfinite_steps))
-    checkpoint = resume_checkpoint(run_dir / "checkpoints", cfg.checkpoint.resume)
+    checkpoint = resume_checkpoint(run_dir / CHECKPOINT_DIR, cfg.checkpoint.resume)
     if checkpoint is not None:
         _restore(s, state, checkpoint)
     logger = MetricsLogger(run_dir, cfg.logging, name="train", total=cfg.train.steps, enabled=env.is_main,
@@ -507,14 +509,14 @@ def train_rl(
             logger.log(state.step, metrics, status=f"reward {metrics['reward']:.3f} score {metrics['score']:.3f}")
             save_every = cfg.checkpoint.save_every
             if last or (save_every and state.step % save_every == 0):
-                save_checkpoint(run_dir / "checkpoints", state.step, s.policy, s.optimizer, _trainer_state(s, state),
+                save_checkpoint(run_dir / CHECKPOINT_DIR, state.step, s.policy, s.optimizer, _trainer_state(s, state),
                                 keep_last=cfg.checkpoint.keep_last)
             if stop_after is not None and state.step >= stop_after:
                 return state.evals
         if cfg.checkpoint.export_hf:
             export_hf(s.policy, tokenizer, run_dir / FINAL_MODEL_DIR)
         if env.is_main:
-            (run_dir / "evals.json").write_text(json.dumps(state.evals, indent=1))
+            (run_dir / EVALS_FILE).write_text(json.dumps(state.evals, indent=1))
     finally:
         logger.close()
     dist.barrier()
@@ -522,12 +524,16 @@ def train_rl(
 
 
 def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]:
-    """The whole pipeline of one config: initial model -> SFT (when enabled) -> BAO RL."""
+    """The whole pipeline of one config: initial model -> SFT (when enabled) -> BAO RL. With
+    ``checkpoint.resume=false`` the RL stage's outputs go first (SFT clears its own): a run killed during
+    SFT must not later resume RL from an older run's checkpoints."""
     env = init_distributed()
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    if not cfg.checkpoint.resume:
+        remove_outputs([run_dir / CHECKPOINT_DIR, run_dir / FINAL_MODEL_DIR, run_dir / EVALS_FILE])
     model_path = initial_model(cfg, env)
     tokenizer = load_tokenizer(model_path)
     if cfg.sft.enabled:

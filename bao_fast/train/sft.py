@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from bao_fast.data.segments import pack_segments
 from bao_fast.envs import TEACHERS, make_tasks, make_teacher
 from bao_fast.models import load_tokenizer
 from bao_fast.rollout import ChatFormat
-from bao_fast.train.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
+from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, init_distributed, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -258,8 +257,7 @@ def train_sft(
     out = run_dir / SFT_MODEL_DIR
     if cfg.checkpoint.resume and (out / "config.json").is_file():
         return out
-    if env.is_main:
-        shutil.rmtree(out, ignore_errors=True)  # an earlier run's export must not pass for this run's
+    remove_outputs([out])  # an earlier run's export must not pass for this run's
     seed_everything(derive_seed(cfg.seed, 2, env.rank))
     s = setup(cfg, env, init_path, tokenizer)
     state = SFTState(0, 0, 0, NonFiniteGuard(cfg.train.max_nonfinite_steps))
@@ -288,8 +286,7 @@ def train_sft(
             if stop_after is not None and state.step >= stop_after:
                 return None
         export_hf(s.policy, tokenizer, out)
-        if env.is_main:
-            shutil.rmtree(root, ignore_errors=True)  # only an unfinished SFT resumes from them
+        remove_outputs([root])  # only an unfinished SFT resumes from them
     finally:
         logger.close()
     return out

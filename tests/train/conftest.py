@@ -1,13 +1,17 @@
-"""Helpers for the trainer tests: run a worker script as a plain process or under torchrun."""
+"""Helpers for the trainer tests: run a worker script as a plain process or under torchrun; an in-process
+world of one."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 HERE = Path(__file__).resolve().parent
 
@@ -27,3 +31,15 @@ def run_worker(script: str, args: list[str], nproc: int = 1, timeout: float = 30
                           timeout=timeout, check=False)
     if proc.returncode != 0:
         pytest.fail(f"{script} (nproc={nproc}) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def single_rank_world() -> Iterator[None]:
+    """An in-process gloo world of one for code that runs collectives, unless the process already has one."""
+    created = not dist.is_initialized()
+    if created:
+        store = Path(tempfile.mkdtemp()) / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()

@@ -78,3 +78,20 @@ def test_tensorboard_mirror(tmp_path: Path) -> None:
     logger.close()
     events = list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_tensorboard_resume_purges_the_dropped_steps(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = LoggingConfig(progress=False, tensorboard=True)
+    first = MetricsLogger(tmp_path, cfg, name="train", total=3)
+    for step in (1, 2, 3):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, cfg, name="train", total=3, resume_step=1)
+    resumed.log(2, {"loss": 20.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 20.0)]

@@ -8,13 +8,11 @@ given those values), over several mini-batches and PPO epochs.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from bao_fast.config import load_config
@@ -28,16 +26,7 @@ from bao_fast.train.rl import forward_logprobs, minibatch_cuts, policy_update
 PROMPTS, GROUP, TEMPERATURE = 4, 2, 0.8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_rank():
-    """A gloo world of one (the update's collectives), unless the process already has one."""
-    created = not dist.is_initialized()
-    if created:
-        store = Path(tempfile.mkdtemp()) / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_rank_world")
 
 
 @pytest.fixture(scope="module")

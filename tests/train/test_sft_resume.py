@@ -96,11 +96,15 @@ def test_resume_after_stop_reproduces_the_straight_run(straight: Path, stopped_c
 def test_resume_false_starts_over(straight: Path, stopped_copy: Path) -> None:
     run_dir = stopped_copy
     first_time = read_jsonl(run_dir / "sft.jsonl")[0]["time"]
-    (run_dir / "sft-checkpoints" / "step-000005").mkdir()  # not a loadable checkpoint
+    (run_dir / "sft-checkpoints" / "step-000006").mkdir()  # would outrank this run's checkpoints
     (run_dir / "sft-model").mkdir()
-    (run_dir / "sft-model" / "config.json").write_text("{}")  # an earlier export: not reused
-    assert sft_run(run_dir, ("checkpoint.resume=false",)) == str(run_dir / "sft-model")
+    (run_dir / "sft-model" / "config.json").write_text("{}")  # an earlier export: neither reused nor kept
+    # the new run dies after step 2: nothing of the earlier run may survive for a later resume to pick up
+    assert sft_run(run_dir, ("checkpoint.resume=false",), stop_after=2) is None
+    assert not (run_dir / "sft-model").exists()
+    assert sorted(p.name for p in (run_dir / "sft-checkpoints").iterdir()) == ["step-000002"]
     assert read_jsonl(run_dir / "sft.jsonl")[0]["time"] > first_time  # step 1 was trained again
+    assert stable(run_dir) == stable(straight)[:2]
+    assert sft_run(run_dir) == str(run_dir / "sft-model")  # and resuming it finishes the straight run
     assert stable(run_dir) == stable(straight)
     assert_same_model(run_dir, straight)
-    assert not (run_dir / "sft-checkpoints").exists()

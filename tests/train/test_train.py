@@ -117,6 +117,17 @@ def test_resume_false_starts_over(tmp_path: Path) -> None:
     assert [r["step"] for r in read_jsonl(run_dir / "train.jsonl")] == [0, 1]  # eval of the start, step 1
 
 
+def test_resume_false_clears_rl_outputs_before_sft(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_run(run_dir, ["rollout.engine=hf", "train.steps=1", "train.eval_every=0"])
+    assert (run_dir / "checkpoints").is_dir() and (run_dir / "final-model").is_dir()
+    # a new run over the directory dies in SFT (the coin gym has no teacher), before its RL stage starts:
+    # a later resume must not find the earlier run's RL checkpoints
+    with pytest.raises(pytest.fail.Exception, match="teacher"):
+        train_run(run_dir, ["rollout.engine=hf", "sft.enabled=true", "checkpoint.resume=false"])
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "final-model").exists()
+
+
 def test_sft_cli_trains_on_teacher_episodes(tmp_path: Path) -> None:
     run_dir = tmp_path / "sft"
     cmd = [sys.executable, "-m", "bao_fast.cli", "sft", "--config", DEMO_CONFIG, f"run_dir={run_dir}",
