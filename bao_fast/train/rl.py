@@ -288,19 +288,23 @@ def accumulate_gradients(
     fill_old_logp: bool = False,
 ) -> dict[str, float]:
     """Backward of the clipped-ratio loss of trajectories ``start:stop`` (this rank's part of one
-    mini-batch) in token-budget micro-batches. Each micro-batch's loss is weighted by its share of the
-    mini-batch's tokens (token-mean) or sequences (seq-mean-*) over ALL ranks, so the summed gradient is
-    that of the global mini-batch loss. ``fill_old_logp`` (the weights are still the rollout's): each
-    micro-batch's detached log-probs are written into ``old_logp`` first. Returns the global loss statistics
-    of the mini-batch."""
+    mini-batch) in token-budget micro-batches, scaled so that the gradients summed over micro-batches and ALL
+    ranks are those of the loss of the whole global mini-batch, whatever the micro-batching: a mean over
+    tokens (token-mean) or over sequences (seq-mean-token-mean: those with a trained token; seq-mean-token-sum)
+    takes each micro-batch's share of the count, a sum (seq-mean-token-sum-norm) takes it whole. The entropy
+    bonus and the statistics (token means) take the token share. ``fill_old_logp`` (the weights are still the
+    rollout's): each micro-batch's detached log-probs are written into ``old_logp`` first. Returns the global
+    loss statistics of the mini-batch."""
     cfg, loss_cfg = s.cfg, s.cfg.algo.loss
-    by_sequence = loss_cfg.agg != "token-mean"
 
-    def units(part: PackedBatch) -> float:
-        return float(part.num_sequences if by_sequence else int(part.target_mask.sum()))
+    def counts(part: PackedBatch) -> list[float]:
+        """[trained target rows, sequences the loss averages over] of ``part`` (host side, no sync)."""
+        per_sequence = part.host_offsets().target_rows.diff()
+        sequences = int((per_sequence > 0).sum()) if loss_cfg.agg == "seq-mean-token-mean" else part.num_sequences
+        return [float(per_sequence.sum()), float(sequences)]
 
     mini = batch.select(start, stop)
-    global_units = max(sum_over_ranks([units(mini)])[0], 1.0)
+    global_tokens, global_sequences = (max(x, 1.0) for x in sum_over_ranks(counts(mini)))
     offsets = batch.host_offsets().tokens.tolist()
     bounds = [(a + start, b + start) for a, b in mini.micro_batch_bounds(cfg.train.micro_batch_tokens)]
     sums: dict[str, float] = {}
@@ -317,16 +321,23 @@ def accumulate_gradients(
             clip_high=loss_cfg.clip_high, dual_clip=loss_cfg.dual_clip, kl_coef=loss_cfg.kl_coef,
             kl_type=loss_cfg.kl_type, agg=loss_cfg.agg, norm_length=loss_cfg.norm_length,
         )
+        tokens, sequences = counts(micro)
+        token_share = weight * tokens / global_tokens
+        if loss_cfg.agg == "token-mean":
+            objective = loss * token_share
+        elif loss_cfg.agg == "seq-mean-token-sum-norm":
+            objective = loss * weight
+        else:
+            objective = loss * (weight * sequences / global_sequences)
         if entropy is not None:
-            mean_entropy = (entropy * micro.target_mask).sum() / max(int(micro.target_mask.sum()), 1)
+            mean_entropy = (entropy * micro.target_mask).sum() / max(tokens, 1.0)
             stats["entropy"] = mean_entropy.detach()
             if loss_cfg.entropy_coef:
-                loss = loss - loss_cfg.entropy_coef * mean_entropy
-        share = weight * units(micro) / global_units
-        (loss * share).backward()
-        stats["loss"] = loss.detach()
+                objective = objective - loss_cfg.entropy_coef * mean_entropy * token_share
+        objective.backward()
+        sums["loss"] = sums.get("loss", 0.0) + float(objective.detach())
         for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(value) * share
+            sums[key] = sums.get(key, 0.0) + float(value) * token_share
     keys = sorted(sums)
     return dict(zip(keys, sum_over_ranks([sums[k] for k in keys])))
 

@@ -21,7 +21,7 @@ from bao_fast.models.tiny import create_tiny_model
 from bao_fast.train.fsdp import Policy
 from bao_fast.train.logging import NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler
-from bao_fast.train.rl import forward_logprobs, minibatch_cuts, policy_update
+from bao_fast.train.rl import accumulate_gradients, forward_logprobs, minibatch_cuts, policy_update
 
 PROMPTS, GROUP, TEMPERATURE = 4, 2, 0.8
 
@@ -94,3 +94,37 @@ def test_first_minibatch_reuses_its_training_forward(model_dir, batch, mini_batc
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
         moved = max(moved, (p - init).abs().max().item())
     assert moved > 1e-4  # the update did something
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_micro_batching_does_not_change_the_gradient(model_dir, agg):
+    """The same mini-batch in one micro-batch or in several (one trajectory without a trained token among
+    them) gives the gradient of the same loss, entropy bonus included."""
+    gen = torch.Generator().manual_seed(11)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 2048, (n,), generator=gen).tolist()
+
+    lengths = [(6, 9), (3, 4), (10, 2), (5, 12)]
+    trajectories = [[("user", ids(u)), ("assistant", ids(a))] for u, a in lengths] + [[("user", ids(7))]]
+    mini = pack_segments(trajectories)
+    old_logp = torch.randn(mini.num_tokens, generator=gen) * 0.05 - 7.0
+    advantages = torch.randn(mini.num_tokens, generator=gen) * mini.target_mask
+
+    def gradients(micro_batch_tokens: int) -> tuple[dict[str, float], list[torch.Tensor]]:
+        cfg = load_config(None, [
+            "model.tiny=true", f"algo.loss.agg={agg}", "algo.loss.norm_length=16", "algo.loss.entropy_coef=0.01",
+            f"train.micro_batch_tokens={micro_batch_tokens}",
+        ])
+        policy = Policy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+        s = SimpleNamespace(cfg=cfg, policy=policy)
+        stats = accumulate_gradients(s, mini, 0, mini.num_sequences, old_logp, advantages, None, True)
+        return stats, [p.grad.clone() for p in policy.parameters()]
+
+    whole, whole_grads = gradients(4096)
+    split, split_grads = gradients(16)  # one trajectory per micro-batch
+    assert whole.keys() == split.keys() and {"loss", "entropy", "clipfrac"} <= whole.keys()
+    for key in whole:
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(whole_grads, split_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
