@@ -191,9 +191,7 @@ def write_eval(trajs: Sequence[Trajectory], out_dir: str | Path, meta: Mapping[s
     with (out / EPISODES_FILE).open("w", encoding="utf-8") as f:
         for traj in trajs:
             f.write(json.dumps(episode_record(traj), ensure_ascii=False) + "\n")
-    summary = summarize(trajs)
-    summary["pass_at_u"] = {k: v for k, v in summary["pass_at_u"].items() if k <= max_k}
-    summary["pass_at_u_ci"] = {k: v for k, v in summary["pass_at_u_ci"].items() if k <= max_k}
+    summary = summarize(trajs, max_k=max_k)
     by_seed: dict[int | None, list[float]] = {}
     for traj in trajs:
         by_seed.setdefault(traj.seed, []).append(traj.reward)

@@ -113,8 +113,9 @@ def _bootstrap(values: np.ndarray, seed: int) -> tuple[float, float]:
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def summarize(episodes: Iterable[Any], ci: str = "normal", seed: int = 0) -> dict[str, Any]:
-    """Aggregate metrics of evaluation episodes (see the module docstring); JSON-serialisable.
+def summarize(episodes: Iterable[Any], ci: str = "normal", seed: int = 0, max_k: int = MAX_K) -> dict[str, Any]:
+    """Aggregate metrics of evaluation episodes (see the module docstring), Pass@U-k for k = 1..``max_k``;
+    JSON-serialisable.
 
     Returns keys ``num_episodes, score, score_ci, success_rate, success_rate_ci, pass_at_u
     {k: value}, pass_at_u_ci {k: [lo, hi]}, ur, ur_ci, turns, turns_ci, answers, choice_counts,
@@ -122,6 +123,8 @@ def summarize(episodes: Iterable[Any], ci: str = "normal", seed: int = 0) -> dic
     """
     if ci not in ("normal", "bootstrap"):
         raise ValueError(f"ci must be 'normal' or 'bootstrap', got {ci!r}")
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
+        raise ValueError(f"max_k must be an int >= 1, got {max_k!r}")
     records = [EpisodeRecord.of(e) for e in episodes]
     if not records:
         raise ValueError("episodes must not be empty")
@@ -131,7 +134,7 @@ def summarize(episodes: Iterable[Any], ci: str = "normal", seed: int = 0) -> dic
     ur = np.asarray([r.num_answers / r.num_turns if r.num_turns else 0.0 for r in records], dtype=np.float64)
     turns = np.asarray([r.num_turns for r in records], dtype=np.float64)
     solve_k = [r.answers_to_solve for r in records]
-    passes = {k: np.asarray([s is not None and s <= k for s in solve_k], dtype=np.float64) for k in range(1, MAX_K + 1)}
+    passes = {k: np.asarray([s is not None and s <= k for s in solve_k], dtype=np.float64) for k in range(1, max_k + 1)}
 
     def proportion_ci(x: np.ndarray, key: int) -> list[float]:
         if ci == "bootstrap":

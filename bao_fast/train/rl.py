@@ -115,7 +115,8 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     sync_engine(s)
     times["sync"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    trajectories = rollout(s, [s.train_tasks[i] for i in task_ids], task_ids, step_seed, r.group_size, greedy=False)
+    trajectories = rollout(s, [s.train_tasks[i] for i in task_ids], task_ids, step_seed, r.group_size,
+                           temperature=r.temperature)
     s.engine.sleep()
     times["generate"] = time.perf_counter() - t0
 
@@ -176,15 +177,15 @@ def sync_engine(s: RLSetup) -> None:
 
 
 def rollout(
-    s: RLSetup, tasks: list[Any], task_ids: list[int], seed: int, group_size: int, *, greedy: bool,
+    s: RLSetup, tasks: list[Any], task_ids: list[int], seed: int, group_size: int, *, temperature: float,
     gym_seed_base: int = 6,
 ) -> list[Trajectory]:
-    """``group_size`` episodes of every task (sampled at ``rollout.temperature``, or greedy)."""
+    """``group_size`` episodes of every task, sampled at ``temperature`` (with ``rollout.top_p``; 0: greedy)."""
     cfg = s.cfg
     params = GenerationParams(
         max_tokens=cfg.rollout.max_turn_tokens,
-        temperature=0.0 if greedy else cfg.rollout.temperature,
-        top_p=1.0 if greedy else cfg.rollout.top_p,
+        temperature=temperature,
+        top_p=1.0 if temperature == 0.0 else cfg.rollout.top_p,
         seed=seed,
         stop_token_ids=(s.tokenizer.eos_token_id,),
         return_logprobs=True,
@@ -348,7 +349,8 @@ def _global_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def rollout_metrics(trajectories: list[Trajectory], batch: PackedBatch, env: DistEnv) -> dict[str, float]:
-    """Rollout statistics over all ranks: reward, Score (success), UR, turns, lengths, end reasons."""
+    """Rollout statistics over all ranks: reward (mean reward sum, the eval Score), success rate, UR, turns,
+    lengths, end reasons."""
     n = len(trajectories)
     turns = [t.num_turns for t in trajectories]
     answers = [sum(t.turn_is_answer) for t in trajectories]
@@ -366,7 +368,7 @@ def rollout_metrics(trajectories: list[Trajectory], batch: PackedBatch, env: Dis
     count, reward, success, ur, num_turns, resp, tokens, ctx = sum_over_ranks(local)
     return {
         "reward": reward / count,
-        "score": success / count,
+        "success_rate": success / count,  # (the eval "score" is the mean reward sum, "reward" here)
         "ur": ur / count,
         "turns": num_turns / count,
         "response_tokens_per_turn": resp / max(num_turns, 1.0),
@@ -388,8 +390,9 @@ def peak_memory_gb(env: DistEnv) -> float:
 
 
 def evaluate(s: RLSetup, step: int) -> dict[str, Any]:
-    """Greedy (or sampled) episodes on the eval tasks × ``eval.num_seeds``; ``summarize`` on all ranks'
-    episodes. Returns the summary with ``step`` (identical on all ranks)."""
+    """Greedy (or, with ``eval.greedy=false``, sampled at ``eval.temperature``) episodes on the eval tasks ×
+    ``eval.num_seeds``; ``summarize`` (Pass@U up to ``eval.max_k``) on all ranks' episodes. Returns the summary
+    with ``step`` (identical on all ranks)."""
     cfg, env = s.cfg, s.env
     sync_engine(s)
     n = len(s.eval_tasks)
@@ -398,12 +401,12 @@ def evaluate(s: RLSetup, step: int) -> dict[str, Any]:
     if mine:
         trajs = rollout(
             s, [s.eval_tasks[e % n] for e in mine], mine, derive_seed(cfg.seed, 7, env.rank), 1,
-            greedy=cfg.eval.greedy, gym_seed_base=8,
+            temperature=0.0 if cfg.eval.greedy else cfg.eval.temperature, gym_seed_base=8,
         )
         records = [{"choices": t.turn_choices, "rewards": t.turn_rewards, "success": t.success} for t in trajs]
     s.engine.sleep()
     episodes = [r for part in gather_objects(records) for r in part]
-    return {"step": step, **summarize(episodes)}
+    return {"step": step, **summarize(episodes, max_k=cfg.eval.max_k)}
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -517,7 +520,8 @@ def train_rl(
             if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
                 state.evals.append(evaluate(s, state.step))
                 metrics.update(eval_metrics(state.evals[-1]))
-            logger.log(state.step, metrics, status=f"reward {metrics['reward']:.3f} score {metrics['score']:.3f}")
+            status = f"reward {metrics['reward']:.3f} success {metrics['success_rate']:.3f}"
+            logger.log(state.step, metrics, status=status)
             save_every = cfg.checkpoint.save_every
             if last or (save_every and state.step % save_every == 0):
                 save_checkpoint(run_dir / CHECKPOINT_DIR, state.step, s.policy, s.optimizer, _trainer_state(s, state),

@@ -80,6 +80,9 @@ def test_hand_example() -> None:
     assert s["ur"] == pytest.approx((1 / 3 + 3 / 4 + 0 + 0) / 4)
     assert s["turns"] == pytest.approx(9 / 4) and s["answers"] == 1.0
     assert s["choice_counts"] == {"action": 3, "search": 1, "answer": 4, "finish": 1, "invalid": 0}
+    long = summarize(episodes, max_k=12)  # Pass@U-k beyond the default 9, CIs alike
+    assert list(long["pass_at_u"]) == list(long["pass_at_u_ci"]) == list(range(1, 13))
+    assert long["pass_at_u"][12] == 0.5 and list(summarize(episodes, max_k=2)["pass_at_u"]) == [1, 2]
 
 
 def test_intervals_known_values() -> None:
@@ -131,6 +134,7 @@ def test_summary_is_json_and_readable_by_pareto() -> None:
         ([EpisodeRecord(("answer",), (1.0,), True)], {"ci": "exact"}, ValueError, "ci"),
         ([{"choices": ["answer"], "success": True}], {}, ValueError, "rewards"),
         ([42], {}, TypeError, "int"),
+        ([EpisodeRecord(("answer",), (1.0,), True)], {"max_k": 0}, ValueError, "max_k"),
     ],
 )
 def test_summarize_errors(episodes: list, kwargs: dict, error: type, match: str) -> None:
