@@ -142,6 +142,8 @@ def sdpa_per_sequence_attention(
     equal-length sequences, batched over the run (a batch of equal lengths costs what padding would)."""
     gqa = key.shape[1] != query.shape[1]
     runs = [(n, len(list(group))) for n, group in itertools.groupby(seq_lens) if n > 0]  # (length, count)
+    if not runs:  # no tokens at all
+        return value.new_empty((1, 0, query.shape[1], value.shape[-1]))
     sizes = [n * count for n, count in runs]
     outs = []
     for (n, count), q, k, v in zip(runs, query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2),

@@ -162,6 +162,11 @@ def test_varlen_causal_attention_matches_dense(heads: int, kv_heads: int, seq_le
     torch.testing.assert_close(out, _dense_reference(q, k, v, seq_lens, 0.3), rtol=0, atol=1e-12)
 
 
+def test_varlen_causal_attention_of_no_tokens_is_empty() -> None:
+    q, k, v = torch.randn(1, 4, 0, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)
+    assert varlen_causal_attention(q, k, v, [0, 0]).shape == (1, 0, 4, 8)
+
+
 def test_varlen_causal_attention_rejects_bad_input() -> None:
     q = torch.randn(1, 2, 6, 8)
     with pytest.raises(ValueError, match="seq_lens"):
