@@ -13,11 +13,13 @@ cut at its first stop token (kept) and at ``max_model_len - len(prompt)`` tokens
 log-softmax of the processed scores (after temperature / top-p), the sampling distribution. Sampling
 with ``params.seed`` seeds a forked RNG, so it neither depends on nor disturbs the global RNG state.
 On a GPU ``sleep`` moves the model to host memory and ``wake_up`` moves it back; both are no-ops on the CPU.
+The checkpoint's ``generation_config.json`` is ignored (transformers would otherwise fill every setting left
+unset, e.g. a ``repetition_penalty``, from it): rollouts sample the policy's own distribution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -32,25 +34,29 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class HFEngine:
-    """``GenerationEngine`` over a transformers causal LM (``model`` is used as is: no copy)."""
+    """``GenerationEngine`` over a transformers causal LM (``model`` is used as is: no copy; its generation
+    config is reset to neutral defaults). Generation stops at any of ``eos_token_ids``."""
 
     def __init__(
         self,
         model: nn.Module,
         *,
         max_model_len: int,
-        eos_token_id: int,
+        eos_token_ids: Sequence[int],
         pad_token_id: int,
         max_batch_size: int = 64,
         bucket_mb: float = 512,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not eos_token_ids:
+            raise ValueError("eos_token_ids must name at least one token")
+        model.generation_config = GenerationConfig()
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_model_len = max_model_len
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.bucket_mb = bucket_mb
@@ -74,12 +80,15 @@ class HFEngine:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=_DTYPES[dtype]).to(device)
         config = model.config
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        eos = config.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        if not eos_ids:
+            raise ValueError(f"checkpoint {str(model_path)!r}: its config has no eos_token_id")
         return cls(
             model,
             max_model_len=cfg.max_model_len,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=pad,
+            eos_token_ids=eos_ids,
+            pad_token_id=config.pad_token_id if config.pad_token_id is not None else eos_ids[0],
             max_batch_size=max_batch_size,
             bucket_mb=cfg.weight_sync_bucket_mb,
         )
@@ -89,7 +98,7 @@ class HFEngine:
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=not params.greedy,
-            eos_token_id=[self.eos_token_id, *params.stop_token_ids],
+            eos_token_id=[*self.eos_token_ids, *params.stop_token_ids],
             pad_token_id=self.pad_token_id,
             output_scores=params.return_logprobs,
             return_dict_in_generate=True,
@@ -119,7 +128,7 @@ class HFEngine:
                 for j, step in enumerate(out.scores)
             ]
             logprobs = torch.stack(per_step, dim=1).tolist()
-        stops = {self.eos_token_id, *params.stop_token_ids}
+        stops = {*self.eos_token_ids, *params.stop_token_ids}
         results = []
         for row, limit in enumerate(limits):
             tokens = new_tokens[row][:limit]

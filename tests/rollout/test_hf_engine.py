@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -111,3 +114,32 @@ def test_prompt_validation(engine):
         engine.generate([[1, 2], []], GenerationParams(max_tokens=2))
     with pytest.raises(ValueError, match="max_model_len"):
         engine.generate([list(range(64))], GenerationParams(max_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a generation config that would bend sampling and a list of eos ids, as real
+    checkpoints ship (Qwen-Instruct: repetition_penalty; Llama-3: several eos ids)."""
+    path = tmp_path_factory.mktemp("odd")
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": [EOS, 1500]}))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"repetition_penalty": 1.8, "no_repeat_ngram_size": 1, "eos_token_id": [EOS, 1500]}
+    ))
+    return path
+
+
+def test_checkpoint_generation_config_does_not_bend_sampling(odd_checkpoint, reference):
+    engine = HFEngine.from_config(odd_checkpoint, RolloutConfig(max_model_len=64), device="cpu")
+    for prompt, gen in zip(PROMPTS, engine.generate(PROMPTS, GenerationParams(max_tokens=9, temperature=0.0))):
+        assert gen.token_ids == reference_greedy(reference, prompt, 9, {EOS, 1500})
+        expected = reference_logprobs(reference, prompt, gen.token_ids, 0.0)
+        torch.testing.assert_close(torch.tensor(gen.logprobs, dtype=torch.float64), expected, atol=1e-4, rtol=0)
+
+
+def test_a_list_of_eos_ids_is_taken_whole(odd_checkpoint):
+    engine = HFEngine.from_config(odd_checkpoint, RolloutConfig(max_model_len=64), device="cpu")
+    assert engine.eos_token_ids == (EOS, 1500)  # generation stops at either (greedy test above)
+    with pytest.raises(ValueError, match="eos_token_ids"):
+        HFEngine(engine.model, max_model_len=64, eos_token_ids=(), pad_token_id=0)
