@@ -340,6 +340,18 @@ def validate(cfg: Config) -> Config:
     _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0 for training rollouts, got {r.temperature}")
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(
+        r.old_logprobs != "engine" or r.top_p == 1,
+        "rollout.old_logprobs",
+        f"'engine' needs rollout.top_p = 1 (got {r.top_p}): the engine's log-probs are renormalised over the "
+        "top-p nucleus, the training forward's are not, so their ratio would be biased; use 'recompute'",
+    )
+    _require(
+        r.tensor_parallel_size == 1,
+        "rollout.tensor_parallel_size",
+        f"must be 1, got {r.tensor_parallel_size}: every rank rolls out its own prompts (a tensor-parallel "
+        "vLLM group would need the same prompts on all its ranks)",
+    )
     _require(r.max_turn_tokens >= 1, "rollout.max_turn_tokens", f"must be >= 1, got {r.max_turn_tokens}")
     _require(
         r.max_model_len > r.max_turn_tokens,

@@ -47,6 +47,8 @@ def test_algo_preset_then_explicit_shaping(name: str) -> None:
         (["train.mini_batch_size=3", "rollout.prompts_per_step=8"], "'train.mini_batch_size'.*must divide"),
         (["rollout.temperature=0"], "'rollout.temperature' must be > 0"),
         (["rollout.max_turn_tokens=9000"], "'rollout.max_model_len'"),
+        (["rollout.old_logprobs=engine", "rollout.top_p=0.9"], "'rollout.old_logprobs'.*top_p = 1"),
+        (["rollout.tensor_parallel_size=2"], "'rollout.tensor_parallel_size' must be 1"),
         (["algo.shaping.horizon=10"], "must equal env.max_turns"),
         (["optim.lr=0"], "'optim.lr' must be > 0"),
         (["sft.optim.min_lr_ratio=2"], "'sft.optim.min_lr_ratio'"),
