@@ -94,7 +94,8 @@ def _power(base: int | float, exp: int | float) -> int | float:
         raise UndefinedResult("zero raised to a negative power")
     if base < 0 and not float(exp).is_integer():
         raise UndefinedResult("negative number raised to a non-integer power")
-    if abs(base) > 1 and exp * math.log10(abs(base)) > math.log10(MAX_MAGNITUDE) + 1:
+    # exp * log10|base| = log10|base**exp|: bounds |base| > 1 with exp > 0 and |base| < 1 with exp < 0 alike
+    if base != 0 and exp * math.log10(abs(base)) > math.log10(MAX_MAGNITUDE) + 1:
         raise RuleError(f"power exceeds {MAX_MAGNITUDE:g} in magnitude")
     if isinstance(exp, float) and exp.is_integer():
         exp = int(exp)

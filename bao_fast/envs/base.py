@@ -129,6 +129,8 @@ def _parse_hermes(payload: str) -> ToolCall | ParseError:
         obj, end = json.JSONDecoder().raw_decode(payload)
     except json.JSONDecodeError as exc:
         return ParseError(f"the tool call is not valid JSON ({exc.msg} at position {exc.pos})", missing=False)
+    except (ValueError, RecursionError):  # a number beyond int()'s digit limit, or nesting beyond the stack
+        return ParseError("the tool call is not valid JSON (too deeply nested or a number too long)", missing=False)
     if payload[end:].strip():
         return ParseError("unexpected text after the JSON object inside <tool_call>", missing=False)
     if not isinstance(obj, dict):
@@ -139,7 +141,7 @@ def _parse_hermes(payload: str) -> ToolCall | ParseError:
     if isinstance(args, str):  # OpenAI-style arguments serialised as a JSON string
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             return ParseError("'arguments' is a string that is not valid JSON", missing=False)
     if not isinstance(args, dict):
         return ParseError("'arguments' must be an object with 'choice' and 'content'", missing=False)

@@ -187,6 +187,7 @@ class QuestionError(ValueError):
 _ORDER_OPS = ("<", "<=", ">", ">=")
 _RELATION = re.compile(r"^(not\s+in\b|in\b|is\s+not\b|is\b|!=|==|<=|>=|=|<|>|:)\s*")
 _VALUE_SPLIT = re.compile(r"\s*(?:,|\bor\b)\s*")
+_INTEGER = re.compile(r"[+-]?\d{1,9}")  # digits capped: int() rejects strings beyond its digit limit
 
 
 @dataclass(frozen=True)
@@ -252,13 +253,13 @@ def parse_question(text: str) -> Question:
     if relation in _ORDER_OPS:
         if attribute.kind != "number":
             raise QuestionError(f"I don't understand — `{relation}` only applies to numbers, and {head} is not one.")
-        if len(raw) != 1 or not re.fullmatch(r"[+-]?\d+", raw[0]):
+        if len(raw) != 1 or not _INTEGER.fullmatch(raw[0]):
             raise QuestionError(f"I don't understand — `{head} {relation}` takes one integer.")
         return Question(attribute.name, relation, (int(raw[0]),))
     values: list[Value] = []
     for word in raw:
         if attribute.kind == "number":
-            if not re.fullmatch(r"[+-]?\d+", word):
+            if not _INTEGER.fullmatch(word):
                 raise QuestionError(f"I don't understand — {head} is a number, not {word!r}.")
             values.append(int(word))
             continue

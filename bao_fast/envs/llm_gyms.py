@@ -42,6 +42,7 @@ __all__ = [
     "TelepathyTask",
     "intention_tasks",
     "parse_covered",
+    "parse_verdict",
     "strip_reasoning",
     "telepathy_tasks",
 ]
@@ -72,7 +73,8 @@ INTENTION_JUDGE_PROMPT = (
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _YES_NO = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
-_VERDICT = re.compile(r"\b(incorrect|correct|wrong|right)\b", re.IGNORECASE)
+_CORRECT = re.compile(r"\bcorrect\b", re.IGNORECASE)
+_NEGATIVE = re.compile(r"\b(?:incorrect|wrong|not|no)\b|n't\b", re.IGNORECASE)
 _DETAIL_LINE = re.compile(r"(\d+)\s*[:.)\-]\s*(yes|covered|true|no|not covered|missing|false)\b", re.IGNORECASE)
 _ARTICLES = re.compile(r"^(?:(?:it is|it's|is it|the answer is)\s+)?(?:a|an|the)\s+", re.IGNORECASE)
 MAX_REPLY_CHARS = 500
@@ -296,8 +298,7 @@ class TelepathyGym(LLMGym):
             self.exchanges.append(Exchange("judge", guess, "", "exact match"))
         else:
             reply = self._judge(TELEPATHY_JUDGE_PROMPT.format(entity=self.task.entity), f"Guess: {guess}")
-            verdict = _VERDICT.search(reply)
-            correct = verdict.group(1).lower() in ("correct", "right") if verdict else None
+            correct = parse_verdict(reply)
             self.exchanges.append(Exchange("judge", guess, reply, None if correct is None else str(correct)))
         if correct:
             return Outcome(f"Yes! I was thinking of {self.task.entity}.", 1.0, terminated=True, success=True)
@@ -379,25 +380,41 @@ def _numbered(intentions: tuple[str, ...]) -> str:
     return "\n".join(f"{i}. {s}" for i, s in enumerate(intentions, 1))
 
 
+def _detail_number(item: Any) -> int | None:
+    """``item`` as a detail number: an int, or a str of at most 9 decimal digits (so ``int`` cannot fail)."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return item
+    if isinstance(item, str) and item.strip().isdecimal() and len(item.strip()) <= 9:
+        return int(item)
+    return None
+
+
 def parse_covered(reply: str, num_details: int) -> set[int] | None:
     """Detail numbers (1-based) a judge reply marks as covered: a JSON ``{"covered": [...]}`` object, or
     lines like ``2: yes``. None when the reply holds neither."""
     decoder = json.JSONDecoder()
+    details = set(range(1, num_details + 1))
     for start in (m.start() for m in re.finditer(r"\{", reply)):
         try:
             obj, _ = decoder.raw_decode(reply, start)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, a number beyond int()'s digit limit, deep nesting
             continue
         covered = obj.get("covered") if isinstance(obj, dict) else None
         if isinstance(covered, list):
-            return {int(x) for x in covered if isinstance(x, int | str) and str(x).strip().isdigit()} & set(
-                range(1, num_details + 1)
-            )
+            return details.intersection(map(_detail_number, covered))
     lines = _DETAIL_LINE.findall(reply)
     if not lines:
         return None
     positive = ("yes", "covered", "true")
-    return {int(i) for i, verdict in lines if verdict.lower() in positive} & set(range(1, num_details + 1))
+    return details.intersection(_detail_number(i) for i, verdict in lines if verdict.lower() in positive)
+
+
+def parse_verdict(reply: str) -> bool | None:
+    """The telepathy judge's verdict: True only for an unambiguous CORRECT (no negation such as INCORRECT,
+    "wrong" or "not" anywhere in the reply), False for a negative reply, None when the reply holds neither."""
+    if _NEGATIVE.search(reply):
+        return False
+    return True if _CORRECT.search(reply) else None
 
 
 class IntentionGym(LLMGym):
@@ -437,8 +454,8 @@ class IntentionGym(LLMGym):
     def _score(self, summary: str) -> Outcome:
         assert self.task is not None
         details = self.task.intentions
-        text = summary.lower()
-        literal = {i for i, s in enumerate(details, 1) if s.split(":", 1)[-1].strip().lower() in text}
+        values = [s.split(":", 1)[-1].strip() for s in details]  # "budget: cheap" -> "cheap"
+        literal = {i for i, v in enumerate(values, 1) if re.search(rf"(?<!\w){re.escape(v)}(?!\w)", summary, re.I)}
         covered = set(literal)
         if len(literal) < len(details):
             system = INTENTION_JUDGE_PROMPT.format(intentions=_numbered(details))

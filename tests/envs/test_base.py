@@ -78,6 +78,20 @@ def test_parse_malformed_call_is_not_missing(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
+    [
+        "<tool_call>" + "[" * 1000,
+        _hermes("[" * 1000),
+        '<tool_call>{"name": "interact_with_env", "arguments": {"choice": "answer", "content": ' + "9" * 5000 + "}}",
+    ],
+)
+def test_parse_unparseable_json_is_malformed(text: str) -> None:
+    """Nesting beyond the recursion limit and numbers beyond int()'s digit limit are bad JSON, not crashes."""
+    result = parse_tool_call(text)
+    assert isinstance(result, ParseError) and not result.missing and "JSON" in result.message
+
+
+@pytest.mark.parametrize(
+    "text",
     ["", "I will now think about a b c d.", "<think>[action] 1 2 3 4", "<think>x</think>", "we try [action] 1 2 3 4"],
 )
 def test_parse_missing_call(text: str) -> None:

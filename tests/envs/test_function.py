@@ -111,6 +111,22 @@ def test_evaluator_bounds_huge_values(rule: str, point: tuple[int, ...]) -> None
     assert not isinstance(info.value, UndefinedResult)
 
 
+@pytest.mark.parametrize(("rule", "point"), [("1e-10 ** -64", (1, 1, 1, 1)), ("(a / b) ** c", (1, 10**9, -60, 1))])
+def test_evaluator_bounds_small_bases_to_negative_powers(rule: str, point: tuple[int, ...]) -> None:
+    """|base| < 1 to a large negative power is bounded like a large base, not left to overflow the float."""
+    with pytest.raises(RuleError) as info:
+        evaluate_rule(rule, *point)
+    assert not isinstance(info.value, UndefinedResult)
+    assert evaluate_rule("0.5 ** -a", 10, 1, 1, 1) == 1024.0
+
+
+def test_gym_survives_overflowing_powers() -> None:
+    gym = FunctionGym()
+    gym.reset(FunctionTask("t1", "(a / b) ** c + d", (1, 2, 3, 4), 4.125))
+    assert "too large" in gym.step("[action] 1 1000000000 -60 1").feedback
+    assert gym.step("[answer] 1e-10**-64").feedback.startswith("Invalid answer")
+
+
 @pytest.mark.parametrize("rule", ["a / (b - c)", "0 ** -a", "(b - 3) ** -1", "(a - 2) ** 0.5"])
 def test_evaluator_undefined(rule: str) -> None:
     with pytest.raises(UndefinedResult):

@@ -17,6 +17,7 @@ from bao_fast.envs.llm_gyms import (
     TelepathyTask,
     intention_tasks,
     parse_covered,
+    parse_verdict,
     strip_reasoning,
     telepathy_tasks,
 )
@@ -86,6 +87,27 @@ def test_telepathy_guesses(openai_stub):
     assert len(openai_stub.requests) == 3
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "The guess is not correct. INCORRECT",
+        "Not right.",
+        "CORRECT? No, INCORRECT.",
+        "Correct would be a kangaroo; this is wrong.",
+        "It isn't correct",
+        "right",
+    ],
+)
+def test_telepathy_judge_must_say_correct_unambiguously(openai_stub, reply):
+    """A negation anywhere, or no CORRECT at all, rejects the guess; the first verdict-like word does not decide."""
+    _routed(openai_stub, [], [reply])
+    gym = _gym(openai_stub)
+    gym.reset(KANGAROO)
+    result = _step(gym, "answer", "wallaby")
+    assert (result.reward, result.terminated, result.info["success"]) == (0.0, False, False)
+    assert parse_verdict(reply) is not True and parse_verdict(" **CORRECT**\n") is True
+
+
 @pytest.mark.parametrize("guess", ["Kangaroo", "the kangaroo.", "It's a KANGAROO!", "roo"])
 def test_telepathy_exact_match_needs_no_judge(openai_stub, guess):
     gym = _gym(openai_stub)
@@ -134,6 +156,16 @@ def test_intention_clarifying_questions(openai_stub):
     assert all(detail in system for detail in TRIP.intentions)
 
 
+def test_intention_literal_match_needs_whole_words(openai_stub):
+    """The detail value "cat" is not mentioned by "communicate"; a whole word in any case is."""
+    _routed(openai_stub, [], ['{"covered": []}'])
+    gym = _gym(openai_stub, IntentionGym)
+    gym.reset(IntentionTask("i2", "I want a pet.", ("animal: cat",)))
+    assert _step(gym, "answer", "You want to communicate with a pet.").reward == 0.0 and len(openai_stub.requests) == 1
+    result = _step(gym, "answer", "A CAT.")
+    assert result.reward == 1.0 and result.terminated and len(openai_stub.requests) == 1
+
+
 def test_intention_scoring(openai_stub):
     _routed(openai_stub, [], ['{"covered": [2]}', "Here: 1: yes\n2: yes\n3. yes\n4) no", "no idea"])
     gym = _gym(openai_stub, IntentionGym, max_turns=8)
@@ -164,6 +196,20 @@ def test_intention_scoring(openai_stub):
     ],
 )
 def test_parse_covered(reply, expected):
+    assert parse_covered(reply, 4) == expected
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ('{"covered": ["²", "3"]}', {3}),  # "²".isdigit() but int("²") fails
+        ('{"covered": [' + "1" * 5000 + "]}\n2: yes", {2}),  # beyond int()'s digit limit: not JSON
+        ("1" * 5000 + ": yes\n2: yes", {2}),
+        ('{"covered": ' + "[" * 5000, None),
+    ],
+)
+def test_parse_covered_never_raises(reply, expected):
+    """Items that int() or the JSON decoder cannot read are skipped, never raised."""
     assert parse_covered(reply, 4) == expected
 
 

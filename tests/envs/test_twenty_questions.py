@@ -109,6 +109,15 @@ def test_parse_question_errors(text, reason):
     assert reason in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"), [("is legs > " + "9" * 5000, "takes one integer"), ("is weight " + "9" * 5000, "is a number")]
+)
+def test_parse_question_rejects_huge_numbers(text, reason):
+    """Numbers beyond int()'s digit limit are outside the grammar, not a ValueError from int()."""
+    with pytest.raises(QuestionError, match=reason):
+        parse_question(text)
+
+
 def _brute_force(q: Question, e: Entity) -> bool:
     v = e.value(q.attribute)
     if q.op in ("in", "not in"):
