@@ -23,11 +23,16 @@ End conditions (BAO.md), in the order they are checked after a turn:
   ``max_turns`` when the gym truncates or ``max_turns`` rounds are done.
 
 Malformed outputs are the gym's business: it answers with an error message and the episode continues.
-A generation that stops at ``max_tokens`` without a tool call is stepped like any other turn.
+A generation that stops at ``max_tokens`` without a tool call is stepped like any other turn. Should a gym
+raise all the same (a gym bug some output triggers), only that episode ends: the turn is recorded as
+``invalid`` with reward 0, end reason ``gym_error``, and the error is logged with its traceback. A
+``UserSimulatorError`` (the user simulator is unreachable for good) still stops the rollout: it concerns every
+episode, and training on its outcomes would teach the policy nothing about the task.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -36,9 +41,12 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from bao_fast.envs.base import Gym, StepResult
+from bao_fast.envs.user_client import UserSimulatorError
 from bao_fast.rollout.chat_format import ChatFormat
 from bao_fast.rollout.engine import Generation, GenerationEngine, GenerationParams
 from bao_fast.rollout.trajectory import EndReason, Trajectory
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,6 +72,18 @@ class _Episode:
         self.traj.turn_choices.append(choice)
         self.traj.turn_rewards.append(reward)
         self.traj.turn_is_answer.append(is_answer)
+
+
+def _step(episode: _Episode, text: str) -> StepResult | Exception:
+    """``episode.gym.step(text)``, or the exception a gym bug raised (a ``UserSimulatorError`` propagates)."""
+    try:
+        return episode.gym.step(text)
+    except UserSimulatorError:
+        raise
+    except Exception as exc:
+        logger.warning("gym %s raised on task %s; the episode ends (gym_error)", type(episode.gym).__name__,
+                       episode.traj.task_id, exc_info=exc)
+        return exc
 
 
 def end_reason_of(result: StepResult) -> EndReason | None:
@@ -149,8 +169,12 @@ def run_episodes(
                     ep.finish("context_limit")
                 else:
                     stepping.append((ep, gen, text))
-            results = list(pool.map(lambda item: item[0].gym.step(item[2]), stepping))
+            results = list(pool.map(lambda item: _step(item[0], item[2]), stepping))
             for (ep, gen, _), result in zip(stepping, results):
+                if isinstance(result, Exception):
+                    ep.record_turn("invalid", 0.0, False)
+                    ep.finish("gym_error")
+                    continue
                 ep.record_turn(
                     str(result.info.get("choice", "invalid")),
                     float(result.reward),

@@ -15,11 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-EndReason = Literal["correct", "terminated", "finish", "no_tool_call", "context_limit", "max_turns"]
-END_REASONS: tuple[str, ...] = ("correct", "terminated", "finish", "no_tool_call", "context_limit", "max_turns")
+EndReason = Literal["correct", "terminated", "finish", "no_tool_call", "context_limit", "max_turns", "gym_error"]
+END_REASONS: tuple[str, ...] = (
+    "correct", "terminated", "finish", "no_tool_call", "context_limit", "max_turns", "gym_error"
+)
 """``correct``: solved (the gym terminated with success); ``terminated``: the gym ended it otherwise;
 ``finish``: the agent chose finish; ``no_tool_call``: a turn without a tool call; ``context_limit``: the
-next prompt or a generation hit ``max_model_len``; ``max_turns``: the turn budget ran out."""
+next prompt or a generation hit ``max_model_len``; ``max_turns``: the turn budget ran out; ``gym_error``:
+the gym raised on the last turn (a gym bug; the turn counts as invalid)."""
 
 
 @dataclass

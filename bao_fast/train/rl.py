@@ -364,8 +364,9 @@ def rollout_metrics(trajectories: list[Trajectory], batch: PackedBatch, env: Dis
         float(sum(response)),
         float(batch.num_tokens),
         float(sum(t.end_reason == "context_limit" for t in trajectories)),
+        float(sum(t.end_reason == "gym_error" for t in trajectories)),
     ]
-    count, reward, success, ur, num_turns, resp, tokens, ctx = sum_over_ranks(local)
+    count, reward, success, ur, num_turns, resp, tokens, ctx, gym_errors = sum_over_ranks(local)
     return {
         "reward": reward / count,
         "success_rate": success / count,  # (the eval "score" is the mean reward sum, "reward" here)
@@ -374,6 +375,7 @@ def rollout_metrics(trajectories: list[Trajectory], batch: PackedBatch, env: Dis
         "response_tokens_per_turn": resp / max(num_turns, 1.0),
         "tokens_total": tokens,
         "context_limit_fraction": ctx / count,
+        "gym_error_fraction": gym_errors / count,
     }
 
 

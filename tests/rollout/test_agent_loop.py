@@ -221,3 +221,40 @@ def test_real_model_tokens_are_exactly_the_engine_outputs(tiny_model_dir, tokeni
     again = run_episodes(RecordingEngine(inner), tokenizer, gym, [0, 1], group_size=2, params=params, max_turns=4)
     assert [t.segments for t in again] == [t.segments for t in trajs]
     torch.testing.assert_close(torch.tensor(again[0].engine_logprobs), torch.tensor(trajs[0].engine_logprobs))
+
+
+class _RaisesOnSecondStep:
+    """A Function gym whose second step raises ``error`` (a gym bug, or the user simulator going away)."""
+
+    def __init__(self, error: Exception):
+        self.inner, self.error, self.steps = make_gym("function", max_turns=5), error, 0
+
+    def reset(self, task, seed):
+        return self.inner.reset(task, seed)
+
+    def step(self, text):
+        self.steps += 1
+        if self.steps == 2:
+            raise self.error
+        return self.inner.step(text)
+
+
+def test_a_gym_error_ends_only_its_episode(tokenizer, caplog):
+    engine = ScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
+    gyms = iter([_RaisesOnSecondStep(ZeroDivisionError("gym bug")), make_gym("function", max_turns=5)])
+    broken, healthy = run_episodes(engine, tokenizer, lambda: next(gyms), TASKS[:1], group_size=2,
+                                   params=GenerationParams(max_tokens=32), max_turns=4)
+    assert broken.end_reason == "gym_error" and "gym_error" in END_REASONS
+    assert broken.turn_choices == ["action", "invalid"] and broken.turn_rewards == [0.0, 0.0]
+    assert [role for role, _ in broken.segments] == ["user", "assistant", "user", "assistant"]
+    assert healthy.end_reason == "max_turns" and healthy.num_turns == 4
+    assert "ZeroDivisionError: gym bug" in caplog.text
+
+
+def test_an_unreachable_user_simulator_stops_the_rollout(tokenizer):
+    from bao_fast.envs.user_client import UserSimulatorError
+
+    engine = ScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
+    with pytest.raises(UserSimulatorError, match="gone"):
+        run_episodes(engine, tokenizer, lambda: _RaisesOnSecondStep(UserSimulatorError("gone")), TASKS[:1],
+                     params=GenerationParams(max_tokens=32), max_turns=4)

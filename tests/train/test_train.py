@@ -62,7 +62,7 @@ def check_run(run_dir: Path, result: dict, world_size: int) -> None:
                 assert math.isfinite(value), (r["step"], key, value)
             assert not isinstance(value, str) or key == "time", (key, value)  # no "nan"/"inf" strings
         assert r["actor/skipped_updates"] == 0
-        assert 0.0 <= r["success_rate"] <= 1.0 and r["turns"] == 1.0
+        assert 0.0 <= r["success_rate"] <= 1.0 and r["turns"] == 1.0 and r["gym_error_fraction"] == 0.0
     assert any(r["advantage_abs_mean"] > 0 and r["actor/grad_norm"] > 0 for r in steps)
     assert [e["step"] for e in result["evals"]] == [0, STEPS]
     assert all(e["num_episodes"] == 4 for e in result["evals"])
