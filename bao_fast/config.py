@@ -47,7 +47,9 @@ class ModelConfig:
 class EnvConfig:
     """Gym and its task sets (``bao_fast.envs.make_tasks``). ``tasks_path``: a dataset file or directory
     (gym-specific; empty = generated tasks). LLM-user gyms reach their user simulator at ``user_base_url``
-    (OpenAI-compatible, model ``user_model``, key from ``$OPENAI_API_KEY`` when set)."""
+    (OpenAI-compatible, model ``user_model``, key from ``$OPENAI_API_KEY`` when set), with completion limits
+    ``user_max_tokens`` / ``judge_max_tokens``; ``user_thinking: false`` asks the server to skip the model's
+    thinking (``chat_template_kwargs.enable_thinking``, as vLLM / SGLang serve Qwen3)."""
 
     name: str = "function"
     level: int = 1
@@ -58,6 +60,9 @@ class EnvConfig:
     seed: int = 0
     user_base_url: str = ""
     user_model: str = ""
+    user_max_tokens: int = 64
+    judge_max_tokens: int = 64
+    user_thinking: bool = True
 
 
 @dataclass
@@ -331,6 +336,10 @@ def validate(cfg: Config) -> Config:
     _require(e.max_turns >= 1, "env.max_turns", f"must be >= 1, got {e.max_turns}")
     _require(e.num_train_tasks >= 1, "env.num_train_tasks", f"must be >= 1, got {e.num_train_tasks}")
     _require(e.num_eval_tasks >= 1, "env.num_eval_tasks", f"must be >= 1, got {e.num_eval_tasks}")
+    _require(not e.user_base_url or bool(e.user_model), "env.user_model",
+             "must name the user-simulator model when env.user_base_url is set")
+    _require(e.user_max_tokens >= 1, "env.user_max_tokens", f"must be >= 1, got {e.user_max_tokens}")
+    _require(e.judge_max_tokens >= 1, "env.judge_max_tokens", f"must be >= 1, got {e.judge_max_tokens}")
     _require(
         cfg.algo.shaping.horizon == e.max_turns,
         "algo.shaping.horizon",

@@ -49,6 +49,8 @@ def test_algo_preset_then_explicit_shaping(name: str) -> None:
         (["rollout.max_turn_tokens=9000"], "'rollout.max_model_len'"),
         (["rollout.old_logprobs=engine", "rollout.top_p=0.9"], "'rollout.old_logprobs'.*top_p = 1"),
         (["rollout.tensor_parallel_size=2"], "'rollout.tensor_parallel_size' must be 1"),
+        (["env.user_base_url=http://sim:8000/v1"], "'env.user_model' must name the user-simulator model"),
+        (["env.judge_max_tokens=0"], "'env.judge_max_tokens' must be >= 1"),
         (["algo.shaping.horizon=10"], "must equal env.max_turns"),
         (["optim.lr=0"], "'optim.lr' must be > 0"),
         (["sft.optim.min_lr_ratio=2"], "'sft.optim.min_lr_ratio'"),

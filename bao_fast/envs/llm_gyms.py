@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bao_fast.envs.base import Gym, Outcome, ToolCall, build_system_prompt
-from bao_fast.envs.user_client import UserSimulatorClient
+from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError
 
 __all__ = [
     "INTENTION_JUDGE_PROMPT",
@@ -146,21 +146,25 @@ class LLMGym(Gym):
     def _ask_user(self, system: str, question: str) -> str:
         """The user-simulator's raw visible reply to ``question``, given the dialogue so far."""
         messages = [{"role": "system", "content": system}, *self._history, {"role": "user", "content": question}]
-        reply = self.client.chat(
-            messages,
-            max_tokens=self.user_max_tokens,
-            temperature=self.temperature,
-            seed=self.rng.getrandbits(31),
-            extra_body=self.extra_body,
-        )
-        return strip_reasoning(reply)
+        return self._visible_reply(messages, self.user_max_tokens, self.temperature, self.rng.getrandbits(31))
 
     def _judge(self, system: str, content: str) -> str:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
-        reply = self.client.chat(
-            messages, max_tokens=self.judge_max_tokens, temperature=0.0, extra_body=self.extra_body
-        )
-        return strip_reasoning(reply)
+        return self._visible_reply(messages, self.judge_max_tokens, 0.0, None)
+
+    def _visible_reply(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                       seed: int | None) -> str:
+        """The reply without its reasoning. Raises ``UserSimulatorError`` when the token limit ran out before
+        any visible text (a thinking simulator): every reply would read as empty, and the episodes as noise."""
+        out = self.client.complete(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                   extra_body=self.extra_body)
+        text = strip_reasoning(out.content)
+        if not text and out.finish_reason == "length":
+            raise UserSimulatorError(
+                f"the user simulator used all {max_tokens} tokens without a visible reply (it is probably "
+                "thinking): raise env.user_max_tokens / env.judge_max_tokens or set env.user_thinking=false"
+            )
+        return text
 
     def _remember(self, question: str, answer: str) -> None:
         self._history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -49,16 +49,19 @@ def eval_tasks(cfg: Config) -> list[Any]:
 
 
 def gym_factory(cfg: Config, client: UserSimulatorClient | None = None) -> Callable[[], Gym]:
-    """Fresh gyms of ``env.name`` with the turn budget; LLM-user gyms share ``client`` (built from
-    ``env.user_base_url`` / ``env.user_model`` when not given)."""
-    kwargs: dict[str, Any] = {"max_turns": cfg.env.max_turns}
-    if client is None and cfg.env.user_base_url:
-        if not cfg.env.user_model:
-            raise ValueError("env.user_model must name the user-simulator model when env.user_base_url is set")
-        client = UserSimulatorClient(cfg.env.user_base_url, cfg.env.user_model)
+    """Fresh gyms of ``env.name`` with the turn budget (training and evaluation alike). LLM-user gyms share
+    ``client``, built when not given from ``env.user_base_url`` / ``env.user_model`` (key from
+    ``$OPENAI_API_KEY``, ``rollout.env_workers`` concurrent requests), and get the ``env.user_*`` settings."""
+    env = cfg.env
+    kwargs: dict[str, Any] = {"max_turns": env.max_turns}
+    if client is None and env.user_base_url:
+        client = UserSimulatorClient(env.user_base_url, env.user_model, api_key=os.environ.get("OPENAI_API_KEY"),
+                                     max_concurrency=cfg.rollout.env_workers)
     if client is not None:
-        kwargs["client"] = client
-    return lambda: make_gym(cfg.env.name, **kwargs)
+        kwargs.update(client=client, user_max_tokens=env.user_max_tokens, judge_max_tokens=env.judge_max_tokens)
+        if not env.user_thinking:
+            kwargs["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}
+    return lambda: make_gym(env.name, **kwargs)
 
 
 def episode_seeds(cfg: Config) -> list[int]:

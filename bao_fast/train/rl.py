@@ -22,10 +22,8 @@ One RL step, as :func:`rl_step` reads top to bottom:
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -41,8 +39,8 @@ from transformers import PreTrainedTokenizerBase
 from bao_fast.config import Config, config_to_dict, load_config, save_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
-from bao_fast.envs import Gym, make_gym, make_tasks
-from bao_fast.envs.user_client import UserSimulatorClient
+from bao_fast.envs import Gym, make_tasks
+from bao_fast.eval.evaluate import gym_factory
 from bao_fast.eval.metrics import summarize
 from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
@@ -436,17 +434,6 @@ def make_engine(cfg: Config, model_path: Path, env: DistEnv) -> GenerationEngine
             torch.set_num_threads(threads)
         return engine
     return HFEngine.from_config(model_path, cfg.rollout, device=env.device)
-
-
-def gym_factory(cfg: Config) -> Callable[[], Gym]:
-    """Fresh gyms of ``env.name``; LLM-user gyms share one client of the user simulator."""
-    kwargs: dict[str, Any] = {"max_turns": cfg.env.max_turns}
-    if cfg.env.user_base_url:
-        kwargs["client"] = UserSimulatorClient(
-            cfg.env.user_base_url, cfg.env.user_model, api_key=os.environ.get("OPENAI_API_KEY"),
-            max_concurrency=cfg.rollout.env_workers,
-        )
-    return functools.partial(make_gym, cfg.env.name, **kwargs)
 
 
 def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedTokenizerBase) -> RLSetup:

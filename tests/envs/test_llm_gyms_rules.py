@@ -250,3 +250,26 @@ def test_registry_gyms(openai_stub):
     assert isinstance(make_gym("telepathy", client=client), TelepathyGym)
     gym = make_gym("intention", client=client, max_turns=4)
     assert isinstance(gym, IntentionGym) and gym.max_turns == 4 and gym.user_max_tokens == 96
+
+
+def test_a_reply_cut_before_any_visible_text_is_an_error(openai_stub):
+    gym = _gym(openai_stub, user_max_tokens=8)
+    gym.reset(KANGAROO, seed=0)
+    openai_stub.script([openai_stub.completion("<think>Is it a mammal? Let me", finish_reason="length")])
+    with pytest.raises(UserSimulatorError, match=r"user_max_tokens.*user_thinking=false"):
+        _step(gym, "answer", "Does it hop?")
+    openai_stub.script([openai_stub.completion("Yes, it", finish_reason="length")])  # cut, but readable
+    assert _step(gym, "answer", "Does it hop?").feedback
+
+
+def test_gym_factory_passes_the_user_simulator_settings(openai_stub):
+    from bao_fast.config import load_config
+    from bao_fast.eval.evaluate import gym_factory
+
+    cfg = load_config(None, ["model.tiny=true", "env.name=telepathy", f"env.user_base_url={openai_stub.url}",
+                             "env.user_model=sim", "env.user_max_tokens=33", "env.judge_max_tokens=7",
+                             "env.user_thinking=false", "rollout.env_workers=3"])
+    gym = gym_factory(cfg)()
+    assert (gym.user_max_tokens, gym.judge_max_tokens) == (33, 7)
+    assert gym.extra_body == {"chat_template_kwargs": {"enable_thinking": False}}
+    assert gym.client.max_concurrency == 3
