@@ -13,8 +13,8 @@ import torch
 TILE_BYTES = 4 << 20
 """Bytes of one fp32 logit tile; a few such tiles are alive at once. Small enough for the elementwise passes
 over a tile to stay in cache: at N=2048, H=512, V=32000 on 2 EPYC cores (1 MiB L2 each, 32 MiB L3),
-512 x 2048 tiles ran fwd+bwd in 1.41 s vs 1.91 s for 1024 x 8192 (32 MiB) ones; 256 x 1024 and 128 x 512
-were no faster. What remains is the four GEMMs."""
+512 x 2048 tiles ran fwd+bwd in 1.42-1.45 s vs 1.88-1.96 s for 1024 x 8192 (32 MiB) ones; 512 x 1024,
+256 x 2048, 256 x 1024 and 128 x 1024 tiles were within 3% or slower. What remains is the four GEMMs."""
 ROW_CHUNK = 512
 """Rows per tile."""
 
