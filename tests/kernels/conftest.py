@@ -1,6 +1,7 @@
 """Shared fixtures of the kernel tests: ``poisoned_outputs`` (launcher buffers never start as zeros) and
 ``run_aot`` (run a ``bao_fast.kernels.*_aot`` module in a fresh process, since the JIT needs
-``TRITON_INTERPRET`` unset, and return the JSON report it prints last)."""
+``TRITON_INTERPRET`` unset, and return the JSON report it prints last) and ``check_launch_reports`` (the
+checks shared by the advantage and loss AOT tests)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import triton
+from bao_fast.kernels.aot import KernelReport
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -52,3 +54,20 @@ def run_aot(tmp_path: Path) -> RunAot:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     return run
+
+
+@pytest.fixture
+def check_launch_reports() -> Callable[[dict[str, Any], set[str]], None]:
+    """``check(reports, expected)``: every ``expected`` compilation (``sm<arch>/...`` names) is reported, some
+    launch is specialised on unit ints (``ints=one``), and every kernel uses registers and has no problem
+    (spills, shared memory) for its arch."""
+
+    def check(reports: dict[str, Any], expected: set[str]) -> None:
+        assert expected <= set(reports), sorted(expected - set(reports))
+        assert any(name.endswith("ints=one") for name in reports)
+        for name, fields in reports.items():
+            report = KernelReport(**fields)
+            assert report.registers > 0, name
+            assert report.problems(int(name[2:4])) == [], name
+
+    return check
