@@ -7,7 +7,7 @@ their base (``sdpa`` / ``eager``: same masks, same attention) unless the forward
 ``varlen_seq_lens=(L_0, ..., L_{B-1})``; then no mask is built and every trajectory attends causally to its
 own slice of the stream only: on CUDA with fp16/bf16 inputs in one flash-attention varlen launch
 (``torch.nn.attention.varlen.varlen_attn``, where this torch has it), otherwise one
-``scaled_dot_product_attention`` per trajectory.
+``scaled_dot_product_attention`` per run of consecutive equal-length trajectories.
 
 The switch is permanent on the model (``enable_varlen_attention``) rather than scoped to one forward: with
 gradient checkpointing the decoder layers run again in the backward pass, after any scope has closed, and
@@ -109,7 +109,8 @@ def varlen_causal_attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of every packed sequence over itself only: one flash-attention varlen launch where
-    ``flash_varlen_causal_attention`` applies (and ``dropout`` is 0), else one SDPA call per sequence.
+    ``flash_varlen_causal_attention`` applies (and ``dropout`` is 0), else one SDPA call per run of
+    equal-length sequences (``sdpa_per_sequence_attention``).
 
     Args:
         query: ``[1, Hq, T, D]``; key, value: ``[1, Hkv, T, D]`` with ``Hq % Hkv == 0`` (GQA).
