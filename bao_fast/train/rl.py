@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from bao_fast.config import Config, config_to_dict, load_config, save_config
+from bao_fast.config import Config, config_to_dict, load_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
 from bao_fast.envs import Gym, make_tasks
@@ -46,7 +46,7 @@ from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
 from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, Trajectory, run_episodes
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
-from bao_fast.train.fsdp import DistEnv, Policy, init_distributed, load_policy, shutdown_distributed
+from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
@@ -57,6 +57,7 @@ from bao_fast.train.runtime import (
     lockstep,
     rank_share,
     seed_everything,
+    start_run,
     sum_over_ranks,
 )
 from bao_fast.train.sft import train_sft
@@ -531,11 +532,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]
     """The whole pipeline of one config: initial model -> SFT (when enabled) -> BAO RL. With
     ``checkpoint.resume=false`` the RL stage's outputs go first (SFT clears its own): a run killed during
     SFT must not later resume RL from an older run's checkpoints."""
-    env = init_distributed()
+    env = start_run(cfg)
     run_dir = Path(cfg.run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     if not cfg.checkpoint.resume:
         remove_outputs([run_dir / CHECKPOINT_DIR, run_dir / FINAL_MODEL_DIR, run_dir / EVALS_FILE])
     model_path = initial_model(cfg, env)

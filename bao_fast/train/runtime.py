@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bao_fast.config import Config, ModelConfig
+from bao_fast.config import Config, ModelConfig, save_config
 from bao_fast.models import TinyModelSpec, create_tiny_model
-from bao_fast.train.fsdp import DistEnv
+from bao_fast.train.fsdp import DistEnv, init_distributed
 
 T = TypeVar("T")
 
@@ -83,6 +83,15 @@ def tiny_spec(model: ModelConfig) -> TinyModelSpec:
         num_key_value_heads=max(1, heads // 2),
         intermediate_size=2 * model.tiny_hidden_size,
     )
+
+
+def start_run(cfg: Config) -> DistEnv:
+    """Join the process group, then (rank 0) create ``run_dir`` and write the run's ``config.yaml``."""
+    env = init_distributed()
+    if env.is_main:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    return env
 
 
 def initial_model(cfg: Config, env: DistEnv) -> Path:

@@ -32,17 +32,24 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from bao_fast.config import Config, ConfigError, config_to_dict, load_config, save_config
+from bao_fast.config import Config, ConfigError, config_to_dict, load_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
 from bao_fast.envs import TEACHERS, make_tasks, make_teacher
 from bao_fast.models import load_tokenizer
 from bao_fast.rollout import ChatFormat
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
-from bao_fast.train.fsdp import DistEnv, Policy, init_distributed, load_policy, shutdown_distributed
+from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from bao_fast.train.runtime import derive_seed, initial_model, lockstep, seed_everything, sum_over_ranks
+from bao_fast.train.runtime import (
+    derive_seed,
+    initial_model,
+    lockstep,
+    seed_everything,
+    start_run,
+    sum_over_ranks,
+)
 
 Segments = list[tuple[str, list[int]]]
 SFT_MODEL_DIR = "sft-model"
@@ -294,10 +301,7 @@ def train_sft(
 
 def run_sft(cfg: Config, *, stop_after: int | None = None) -> Path | None:
     """The ``bao-fast sft`` pipeline of one config: the initial model, then :func:`train_sft`."""
-    env = init_distributed()
-    if env.is_main:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    env = start_run(cfg)
     init_path = initial_model(cfg, env)
     return train_sft(cfg, env, init_path, load_tokenizer(init_path), stop_after=stop_after)
 
