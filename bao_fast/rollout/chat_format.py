@@ -12,6 +12,10 @@ rendering the template with marker strings, so any template that renders assista
 in order works. Because each piece starts at a special token (eos or the template's turn marker), the
 ids equal those of a fresh tokenisation of the whole conversation whenever the engine's outputs are the
 canonical tokenisation of their text and end in eos (see ``tests/rollout/test_agent_loop.py``).
+
+Message text from outside the policy (a user simulator's feedback, a teacher model's turn) is tokenised
+with its special-token spellings split into ordinary tokens: a reply that writes ``<|im_end|>`` cannot
+close a turn or open a new one in the token stream.
 """
 
 from __future__ import annotations
@@ -55,10 +59,19 @@ class ChatFormat:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(ids)
 
+    def text_ids(self, text: str) -> list[int]:
+        """Ids of message ``text`` as plain text: special-token spellings in it become ordinary tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
     def feedback_ids(self, feedback: str, assistant_ended_with_eos: bool) -> list[int]:
-        """Ids that close the assistant turn and carry ``feedback`` as the next user message, up to and
-        including the next generation prompt."""
+        """Ids that close the assistant turn and carry ``feedback`` (plain text, see :meth:`text_ids`) as
+        the next user message, up to and including the next generation prompt."""
         closing = self.after_assistant
         if assistant_ended_with_eos and closing.startswith(self.eos_text):
             closing = closing[len(self.eos_text) :]
-        return self.tokenizer.encode(closing + feedback + self.after_user, add_special_tokens=False)
+        encode = self.tokenizer.encode
+        return [
+            *encode(closing, add_special_tokens=False),
+            *self.text_ids(feedback),
+            *encode(self.after_user, add_special_tokens=False),
+        ]
