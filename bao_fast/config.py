@@ -117,12 +117,20 @@ class OptimConfig:
 @dataclass
 class SFTConfig:
     """Behaviour-enhanced SFT on teacher trajectories (loss on assistant tokens only). ``num_trajectories``
-    counts episodes the teacher solved; ``teacher_style`` picks its narration (``concise``: two-line
-    ``<think>`` blocks, for tiny models; supported by teachers that take a ``style`` argument)."""
+    counts episodes the teacher solved. ``teacher``: ``scripted`` (the gym's programmatic teacher; Function
+    and Twenty Questions have one) or ``llm`` (a model behind the OpenAI-compatible server ``teacher_base_url``
+    serving ``teacher_model``, key from ``$OPENAI_API_KEY``, prompted to write BAO's behaviours; any gym, with
+    ``teacher_workers`` episodes in flight per rank). ``teacher_style`` picks the scripted narration
+    (``concise``: two-line ``<think>`` blocks, for tiny models; supported by teachers that take a ``style``)."""
 
     enabled: bool = True
-    teacher: str = "scripted"
+    teacher: Literal["scripted", "llm"] = "scripted"
     teacher_style: Literal["full", "concise"] = "full"
+    teacher_base_url: str = ""
+    teacher_model: str = ""
+    teacher_max_tokens: int = 1024
+    teacher_temperature: float = 0.7
+    teacher_workers: int = 8
     num_trajectories: int = 256
     epochs: int = 2
     micro_batch_tokens: int = 8192
@@ -389,6 +397,14 @@ def validate(cfg: Config) -> Config:
     _require(s.batch_trajectories >= 1, "sft.batch_trajectories", f"must be >= 1, got {s.batch_trajectories}")
     _require(s.micro_batch_tokens >= 1, "sft.micro_batch_tokens", f"must be >= 1, got {s.micro_batch_tokens}")
     _require(0 <= s.eval_fraction < 1, "sft.eval_fraction", f"must be in [0, 1), got {s.eval_fraction}")
+    if s.teacher == "llm":
+        _require(bool(s.teacher_base_url), "sft.teacher_base_url", "must be set when sft.teacher is 'llm'")
+        _require(bool(s.teacher_model), "sft.teacher_model", "must name the teacher model when sft.teacher is 'llm'")
+        _require(s.teacher_style == "full", "sft.teacher_style",
+                 f"must be 'full' for the llm teacher (concise narration is scripted), got {s.teacher_style!r}")
+    _require(s.teacher_max_tokens >= 1, "sft.teacher_max_tokens", f"must be >= 1, got {s.teacher_max_tokens}")
+    _require(s.teacher_temperature >= 0, "sft.teacher_temperature", f"must be >= 0, got {s.teacher_temperature}")
+    _require(s.teacher_workers >= 1, "sft.teacher_workers", f"must be >= 1, got {s.teacher_workers}")
     c = cfg.checkpoint
     _require(c.save_every >= 0, "checkpoint.save_every", f"must be >= 0 (0 = only at the end), got {c.save_every}")
     _require(c.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0 (0 = keep all), got {c.keep_last}")

@@ -57,7 +57,7 @@ from bao_fast.train import rl
 from bao_fast.train.fsdp import init_distributed, shutdown_distributed
 from bao_fast.train.logging import NonFiniteGuard
 from bao_fast.train.runtime import TaskSampler, derive_seed
-from bao_fast.train.sft import teacher_dataset
+from bao_fast.train.sft_data import teacher_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # phase -> trainer functions (attributes of bao_fast.train.rl) whose time counts for it

@@ -13,11 +13,21 @@ from bao_fast.envs.base import (
     parse_tool_call,
 )
 from bao_fast.envs.function import FunctionGym, FunctionTask, evaluate_rule, generate_tasks, load_userrl_functions
-from bao_fast.envs.registry import GYMS, TASKS, TEACHERS, make_gym, make_tasks, make_teacher
+from bao_fast.envs.registry import (
+    GYMS,
+    SCRIPTED_TEACHERS,
+    TASKS,
+    TEACHERS,
+    make_gym,
+    make_tasks,
+    make_teacher,
+    needs_user_simulator,
+)
 from bao_fast.envs.teachers import FunctionTeacher
 
 __all__ = [
     "GYMS",
+    "SCRIPTED_TEACHERS",
     "TASKS",
     "TEACHERS",
     "TOOL_NAME",
@@ -38,5 +48,6 @@ __all__ = [
     "make_gym",
     "make_tasks",
     "make_teacher",
+    "needs_user_simulator",
     "parse_tool_call",
 ]

@@ -20,7 +20,7 @@ from bao_fast.envs.function import (
     load_userrl_split,
     userrl_split,
 )
-from bao_fast.envs.llm_gyms import IntentionGym, TelepathyGym, intention_tasks, telepathy_tasks
+from bao_fast.envs.llm_gyms import IntentionGym, LLMGym, TelepathyGym, intention_tasks, telepathy_tasks
 from bao_fast.envs.teachers.function_teacher import FunctionTeacher
 from bao_fast.envs.teachers.llm_teacher import LLMTeacher
 from bao_fast.envs.teachers.twenty_questions_teacher import TwentyQuestionsTeacher
@@ -63,9 +63,13 @@ TASKS: dict[str, Callable[..., list]] = {
     "telepathy": telepathy_tasks,
     "intention": intention_tasks,
 }
-TEACHERS: dict[str, Callable[..., Any]] = {
+SCRIPTED_TEACHERS: dict[str, Callable[..., Any]] = {
     "function": FunctionTeacher,
     "twenty_questions": TwentyQuestionsTeacher,
+}
+"""Programmatic teachers (no model behind them); the other gyms' teachers prompt an LLM."""
+TEACHERS: dict[str, Callable[..., Any]] = {
+    **SCRIPTED_TEACHERS,
     "telepathy": partial(LLMTeacher.for_gym, TelepathyGym),
     "intention": partial(LLMTeacher.for_gym, IntentionGym),
 }
@@ -80,6 +84,11 @@ def _lookup(registry: dict[str, Any], kind: str, name: str) -> Any:
 def make_gym(name: str, **kwargs: Any) -> Gym:
     """A fresh gym of the registered ``name`` (e.g. ``make_gym("function", max_turns=15)``)."""
     return _lookup(GYMS, "gym", name)(**kwargs)
+
+
+def needs_user_simulator(name: str) -> bool:
+    """Whether gym ``name`` talks to an LLM user simulator (its constructor takes the ``client``)."""
+    return issubclass(_lookup(GYMS, "gym", name), LLMGym)
 
 
 def make_tasks(

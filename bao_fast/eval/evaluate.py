@@ -27,8 +27,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from bao_fast.config import Config, load_config
-from bao_fast.envs import Gym, make_gym, make_tasks
+from bao_fast.config import Config, ConfigError, load_config
+from bao_fast.envs import Gym, make_gym, make_tasks, needs_user_simulator
 from bao_fast.envs.user_client import UserSimulatorClient
 from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
@@ -49,15 +49,22 @@ def eval_tasks(cfg: Config) -> list[Any]:
 
 
 def gym_factory(cfg: Config, client: UserSimulatorClient | None = None) -> Callable[[], Gym]:
-    """Fresh gyms of ``env.name`` with the turn budget (training and evaluation alike). LLM-user gyms share
-    ``client``, built when not given from ``env.user_base_url`` / ``env.user_model`` (key from
-    ``$OPENAI_API_KEY``, ``rollout.env_workers`` concurrent requests), and get the ``env.user_*`` settings."""
+    """Fresh gyms of ``env.name`` with the turn budget (training, evaluation and the SFT teacher alike).
+    LLM-user gyms share ``client``, built when not given from ``env.user_base_url`` / ``env.user_model`` (key
+    from ``$OPENAI_API_KEY``, ``rollout.env_workers`` concurrent requests), and get the ``env.user_*``
+    settings; other gyms ignore both. ConfigError when an LLM-user gym has no user simulator."""
     env = cfg.env
     kwargs: dict[str, Any] = {"max_turns": env.max_turns}
-    if client is None and env.user_base_url:
-        client = UserSimulatorClient(env.user_base_url, env.user_model, api_key=os.environ.get("OPENAI_API_KEY"),
-                                     max_concurrency=cfg.rollout.env_workers)
-    if client is not None:
+    if needs_user_simulator(env.name):
+        if client is None and not env.user_base_url:
+            raise ConfigError(
+                f"config key 'env.user_base_url': the {env.name!r} gym talks to an LLM user simulator; set "
+                "env.user_base_url and env.user_model to an OpenAI-compatible server"
+            )
+        if client is None:
+            client = UserSimulatorClient(env.user_base_url, env.user_model,
+                                         api_key=os.environ.get("OPENAI_API_KEY"),
+                                         max_concurrency=cfg.rollout.env_workers)
         kwargs.update(client=client, user_max_tokens=env.user_max_tokens, judge_max_tokens=env.judge_max_tokens)
         if not env.user_thinking:
             kwargs["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}

@@ -2,6 +2,8 @@
 
 - ``sft.py``: teacher episodes -> packed assistant-only NLL -> ``<run_dir>/sft-model`` (``bao-fast sft``),
   resumable from ``<run_dir>/sft-checkpoints`` until the export is written.
+- ``sft_data.py``: the scripted or LLM teacher plays the training tasks (over ranks and threads); solved
+  episodes -> ``<run_dir>/sft-data.jsonl`` -> rollout-identical token segments.
 - ``rl.py``: the BAO loop, one function per algorithm step (``bao-fast train``, SFT first when enabled).
 - ``demo.py``: the embedded default run and its SFT-vs-RL report (``bao-fast demo``).
 - ``fsdp.py``: process group, device mesh, the FSDP2-sharded :class:`~bao_fast.train.fsdp.Policy`.

@@ -1,7 +1,8 @@
-"""``bao-fast sft``: behaviour-enhanced SFT (BAO.md stage 1) on scripted-teacher trajectories.
+"""``bao-fast sft``: behaviour-enhanced SFT (BAO.md stage 1) on teacher trajectories.
 
-The gym's teacher plays training tasks and writes retrospective reasoning and prospective planning into
-``<think>`` blocks (``sft.teacher_style``: full or concise narration); only the episodes it solved are kept.
+The teacher (scripted, or an LLM: ``sft.teacher``) plays training tasks and writes retrospective reasoning
+and prospective planning into ``<think>`` blocks; only the episodes it solved are kept, in
+``<run_dir>/sft-data.jsonl`` (:mod:`bao_fast.train.sft_data`).
 Each episode is turned into the same token stream a rollout produces (opening prompt
 from the chat template, every assistant message + eos as a trained segment, every feedback wrapped by the
 template's turn markers; ``bao_fast.rollout.ChatFormat``), packed without padding, and the policy is fully
@@ -11,16 +12,16 @@ eval loss after every epoch. The result is exported as a HF checkpoint at ``<run
 SFT resumes exactly, like RL: every ``checkpoint.save_every`` optimiser steps an atomic DCP checkpoint
 (model, optimiser, RNG and :class:`SFTState`: step, epoch, position in the epoch's order, scheduler,
 non-finite guard, eval losses) goes to ``<run_dir>/sft-checkpoints``, keeping ``checkpoint.keep_last``. A
-rerun continues from the latest one with the same next batch (the data order derives from seeds), so it logs
-the losses an uninterrupted run would have. The export ends SFT: the last step writes no checkpoint, the
-checkpoints are deleted once the export exists, and a rerun reuses the export. ``checkpoint.resume=false``
-starts SFT over (an earlier export and checkpoints are deleted).
+rerun continues from the latest one on the same data (the data file; checkpoints record its digest) with
+the same next batch (the data order derives from seeds), so it logs the losses an uninterrupted run would
+have. The export ends SFT: the last step writes no checkpoint, the checkpoints are deleted once the export
+exists, and a rerun reuses the export. ``checkpoint.resume=false`` starts SFT over (the teacher plays
+again; an earlier export and checkpoints are deleted).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,12 +33,10 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from bao_fast.config import Config, ConfigError, config_to_dict, load_config
+from bao_fast.config import Config, config_to_dict, load_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
-from bao_fast.envs import TEACHERS, make_tasks, make_teacher
 from bao_fast.models import load_tokenizer
-from bao_fast.rollout import ChatFormat
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
@@ -50,72 +49,10 @@ from bao_fast.train.runtime import (
     start_run,
     sum_over_ranks,
 )
+from bao_fast.train.sft_data import SFT_DATA_FILE, Segments, data_digest, sft_episodes, to_segments
 
-Segments = list[tuple[str, list[int]]]
 SFT_MODEL_DIR = "sft-model"
 SFT_CHECKPOINT_DIR = "sft-checkpoints"
-MAX_ATTEMPTS_PER_TRAJECTORY = 4
-
-
-def messages_to_segments(fmt: ChatFormat, messages: list[dict[str, str]]) -> Segments:
-    """A solved chat episode as rollout-identical segments: ``[("user", opening prompt ids),
-    ("assistant", content ids + eos), ("user", feedback ids incl. the next generation prompt), ...]``,
-    ending at the last assistant message."""
-    roles = [m["role"] for m in messages]
-    if "assistant" not in roles:
-        raise ValueError("messages: the episode has no assistant message")
-    first = roles.index("assistant")
-    last = len(roles) - 1 - roles[::-1].index("assistant")
-    tokenizer = fmt.tokenizer
-    segments: Segments = [("user", fmt.prompt_ids(messages[:first]))]
-    for message in messages[first : last + 1]:
-        if message["role"] == "assistant":
-            ids = [*tokenizer.encode(message["content"], add_special_tokens=False), tokenizer.eos_token_id]
-            segments.append(("assistant", ids))
-        else:
-            segments.append(("user", fmt.feedback_ids(message["content"], assistant_ended_with_eos=True)))
-    return segments
-
-
-def sft_teacher(cfg: Config) -> Any:
-    """The teacher named by ``sft.teacher`` (``scripted``: the gym's own), narrating in ``sft.teacher_style``."""
-    name = cfg.sft.teacher if cfg.sft.teacher != "scripted" else cfg.env.name
-    kwargs: dict[str, Any] = {"max_turns": cfg.env.max_turns, "seed": cfg.seed}
-    if cfg.sft.teacher_style != "full":
-        factory = TEACHERS.get(name)
-        if factory is None or "style" not in inspect.signature(factory).parameters:
-            raise ConfigError(
-                f"config key 'sft.teacher_style': the {name!r} teacher only writes the 'full' style, "
-                f"got {cfg.sft.teacher_style!r}"
-            )
-        kwargs["style"] = cfg.sft.teacher_style
-    return make_teacher(name, **kwargs)
-
-
-def teacher_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[Segments]:
-    """``cfg.sft.num_trajectories`` episodes the teacher solved, over the training tasks (cycled, one seed
-    per attempt). Unsolved episodes are skipped; raises ``ValueError`` when fewer than the requested number
-    succeed in ``MAX_ATTEMPTS_PER_TRAJECTORY`` times as many attempts."""
-    n = cfg.sft.num_trajectories
-    tasks = make_tasks(
-        cfg.env.name, split="train", n=cfg.env.num_train_tasks, level=cfg.env.level, seed=cfg.env.seed,
-        path=cfg.env.tasks_path or None,
-    )
-    teacher = sft_teacher(cfg)
-    fmt = ChatFormat.from_tokenizer(tokenizer)
-    data: list[Segments] = []
-    attempts = n * MAX_ATTEMPTS_PER_TRAJECTORY
-    for i in range(attempts):
-        episode = teacher.play(tasks[i % len(tasks)], seed=derive_seed(cfg.seed, 1, i))
-        if episode.success:
-            data.append(messages_to_segments(fmt, episode.messages))
-            if len(data) == n:
-                return data
-    raise ValueError(
-        f"sft.num_trajectories: the teacher solved only {len(data)} of {attempts} episodes, fewer than the "
-        f"{n} requested (env.max_turns={cfg.env.max_turns}, env.level={cfg.env.level}); lower "
-        "sft.num_trajectories or give the teacher more turns"
-    )
 
 
 def _nll_sums(policy: Policy, batch: PackedBatch, weight: float) -> tuple[torch.Tensor, float]:
@@ -168,12 +105,14 @@ class SFTSetup:
     train: list[Segments]
     held_out: list[Segments]
     total_steps: int
+    data_digest: str
 
 
 def setup(cfg: Config, env: DistEnv, init_path: Path, tokenizer: PreTrainedTokenizerBase) -> SFTSetup:
     """Teacher episodes split into train / held-out, the sharded policy, optimiser and schedule."""
     s = cfg.sft
-    data = teacher_dataset(cfg, tokenizer)
+    episodes = sft_episodes(cfg)
+    data = to_segments(episodes, tokenizer)
     num_eval = int(len(data) * s.eval_fraction)
     order = np.random.default_rng(derive_seed(cfg.seed, 3)).permutation(len(data)).tolist()
     held_out, train = [data[i] for i in order[:num_eval]], [data[i] for i in order[num_eval:]]
@@ -181,7 +120,7 @@ def setup(cfg: Config, env: DistEnv, init_path: Path, tokenizer: PreTrainedToken
     policy = load_policy(init_path, cfg.model, env)
     optimizer = build_optimizer(policy, s.optim)
     scheduler = build_scheduler(optimizer, s.optim, total_steps)
-    return SFTSetup(cfg, env, policy, optimizer, scheduler, train, held_out, total_steps)
+    return SFTSetup(cfg, env, policy, optimizer, scheduler, train, held_out, total_steps, data_digest(episodes))
 
 
 def next_batch(s: SFTSetup, state: SFTState) -> list[Segments]:
@@ -227,6 +166,7 @@ def _trainer_state(s: SFTSetup, state: SFTState) -> dict[str, Any]:
         "epoch": state.epoch,
         "position": state.position,
         "num_train": len(s.train),
+        "data_digest": s.data_digest,
         "guard": state.guard.state_dict(),
         "scheduler": s.scheduler.state_dict(),
         "evals": state.evals,
@@ -235,10 +175,11 @@ def _trainer_state(s: SFTSetup, state: SFTState) -> dict[str, Any]:
 
 def _restore(s: SFTSetup, state: SFTState, checkpoint: Path) -> None:
     saved = load_checkpoint(checkpoint, s.policy, s.optimizer)
-    if saved["num_train"] != len(s.train):
+    if saved.get("data_digest") != s.data_digest:
         raise ValueError(
-            f"SFT checkpoint {checkpoint} is for {saved['num_train']} training trajectories, this run has "
-            f"{len(s.train)}: resume with the same sft config, or set checkpoint.resume=false"
+            f"SFT checkpoint {checkpoint} was trained on other SFT data than this run's {SFT_DATA_FILE} "
+            f"({saved['num_train']} vs {len(s.train)} training trajectories): resume with the same sft and env "
+            "config, or set checkpoint.resume=false"
         )
     state.step, state.epoch, state.position = saved["step"], saved["epoch"], saved["position"]
     state.guard.load_state_dict(saved["guard"])

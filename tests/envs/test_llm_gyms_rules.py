@@ -273,3 +273,14 @@ def test_gym_factory_passes_the_user_simulator_settings(openai_stub):
     assert (gym.user_max_tokens, gym.judge_max_tokens) == (33, 7)
     assert gym.extra_body == {"chat_template_kwargs": {"enable_thinking": False}}
     assert gym.client.max_concurrency == 3
+
+
+def test_gym_factory_needs_a_user_simulator_only_for_llm_gyms(openai_stub):
+    from bao_fast.config import ConfigError, load_config
+    from bao_fast.eval.evaluate import gym_factory
+
+    with pytest.raises(ConfigError, match=r"'env\.user_base_url': the 'intention' gym talks to an LLM user"):
+        gym_factory(load_config(None, ["model.tiny=true", "env.name=intention"]))
+    cfg = load_config(None, ["model.tiny=true", f"env.user_base_url={openai_stub.url}", "env.user_model=sim"])
+    gym = gym_factory(cfg)()  # the Function gym has no user simulator: the settings are ignored
+    assert type(gym).__name__ == "FunctionGym" and not hasattr(gym, "client")

@@ -108,3 +108,15 @@ def test_resume_false_starts_over(straight: Path, stopped_copy: Path) -> None:
     assert sft_run(run_dir) == str(run_dir / "sft-model")  # and resuming it finishes the straight run
     assert stable(run_dir) == stable(straight)
     assert_same_model(run_dir, straight)
+
+
+def test_resume_reads_the_data_file_and_refuses_other_data(stopped_copy: Path) -> None:
+    """A resumed run trains on the recorded episodes, not on a new play; checkpoints of other data are refused."""
+    path = stopped_copy / "sft-data.jsonl"
+    header, first, *rest = path.read_text().splitlines()
+    record = json.loads(first)
+    turn = next(m for m in record["messages"] if m["role"] == "assistant")
+    turn["content"] += " Edited."
+    path.write_text("\n".join([header, json.dumps(record), *rest]) + "\n")
+    with pytest.raises(pytest.fail.Exception, match=r"other SFT data than this run's sft-data\.jsonl"):
+        sft_run(stopped_copy)
