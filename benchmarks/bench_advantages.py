@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_memory, print_table, timeit_median, write_results
+from common import hbm_bytes_per_s, peak_memory, print_table, timeit_median, write_results
 
 from bao_fast.algo.shaping import ShapingConfig, preset
 from bao_fast.ops.advantages import ShapedAdvantages, shaped_advantages, shaped_advantages_torch
 
-H100_HBM_BYTES_PER_S = 3.35e12
 GROUP_SIZE = 8
 
 
@@ -136,6 +135,7 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     num_traj = args.trajectories or (4096 if on_gpu else 256)
     tokens_per_turn = args.tokens_per_turn or (512 if on_gpu else 64)
+    hbm = hbm_bytes_per_s(device)
     cfg = preset("bao", horizon=args.turns)
     inputs, spans = make_batch(num_traj, args.turns, tokens_per_turn, device)
     num_tokens = inputs[4].numel()
@@ -163,13 +163,15 @@ def main() -> None:
             "max_abs_diff": float((impls[name]().double() - expected.double()).abs().max()),
             "repeats": repeats,
         }
-        if on_gpu:
-            row["pct_of_hbm"] = 100 * io_bytes / (ms * 1e-3) / H100_HBM_BYTES_PER_S
+        if hbm:
+            row["pct_of_hbm"] = 100 * io_bytes / (ms * 1e-3) / hbm
         rows.append(row)
     shape = {"trajectories": num_traj, "turns": inputs[0].numel(), "tokens": num_tokens, "io_bytes": io_bytes}
     print_table(rows, title=f"shaped_advantages on {device} ({shape})")
     path = write_results(
-        "shaped_advantages", {"shape": shape, "dtype": "float32", "config": repr(cfg), "results": rows}, device
+        "shaped_advantages",
+        {"shape": shape, "dtype": "float32", "config": repr(cfg), "hbm_bytes_per_s": hbm, "results": rows},
+        device,
     )
     print(f"wrote {path}")
 

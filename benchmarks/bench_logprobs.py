@@ -227,6 +227,9 @@ def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobF
         except torch.OutOfMemoryError as err:
             rows.append({**row, "skipped": f"out of memory: {str(err).splitlines()[0]}"})
             continue
+        except Exception as err:  # a broken baseline must not cost the other implementations' figures
+            rows.append({**row, "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
+            continue
         finally:
             hidden.grad = weight.grad = None
             gc.collect()

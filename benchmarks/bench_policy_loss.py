@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_memory, print_table, timeit_median, write_results
+from common import hbm_bytes_per_s, peak_memory, print_table, timeit_median, write_results
 
 from bao_fast.ops.policy_loss import clipped_ratio_loss
 
-H100_HBM_BYTES_PER_S = 3.35e12
 SEQ_LEN = 2048
 
 
@@ -112,6 +111,7 @@ def main() -> None:
     data = make_inputs(num_tokens, device)
     leaf = data["logp"].clone().requires_grad_()
     compiled = torch.compile(eager_loss, dynamic=False) if (on_gpu or args.compile) else None
+    hbm = hbm_bytes_per_s(device)
 
     rows = []
     for agg in ("token-mean", "seq-mean-token-mean"):
@@ -156,13 +156,15 @@ def main() -> None:
                     "peak_mem_MB": peak_memory(step, device) / 2**20,
                     "max_abs_grad_diff": float((grad_of(fn) - expected).abs().max()),
                 }
-                if on_gpu:
-                    row["pct_of_hbm"] = 100 * io_bytes / (ms * 1e-3) / H100_HBM_BYTES_PER_S
+                if hbm:
+                    row["pct_of_hbm"] = 100 * io_bytes / (ms * 1e-3) / hbm
                 rows.append(row)
     shape = {"tokens": num_tokens, "sequences": data["cu_seqlens"].numel() - 1}
     print_table(rows, title=f"clipped_ratio_loss fwd+bwd on {device} ({shape})")
     path = write_results(
-        "clipped_ratio_loss", {"shape": shape, "dtype": "float32", "repeats": args.repeats, "results": rows}, device
+        "clipped_ratio_loss",
+        {"shape": shape, "dtype": "float32", "repeats": args.repeats, "hbm_bytes_per_s": hbm, "results": rows},
+        device,
     )
     print(f"wrote {path}")
 

@@ -290,8 +290,10 @@ def packing_vs_padding(
 
 
 def teacher_segments(cfg: Config, model_path: Path, n: int) -> list[list[tuple[str, list[int]]]]:
-    """``n`` scripted-teacher episodes (multi-turn, varied lengths: what a trained policy produces)."""
-    cfg = replace(cfg, sft=replace(cfg.sft, num_trajectories=n))
+    """``n`` scripted-teacher episodes (multi-turn, varied lengths: what a trained policy produces), with at
+    least 6 turns each to solve in (the teacher needs about 4 at level 1; ``--quick`` rolls out only 2)."""
+    env = replace(cfg.env, max_turns=max(cfg.env.max_turns, 6))
+    cfg = replace(cfg, env=env, sft=replace(cfg.sft, num_trajectories=n))
     return teacher_dataset(cfg, load_tokenizer(model_path))
 
 

@@ -11,6 +11,8 @@ API:
   above the starting allocation on a GPU; on the CPU the peak process-RSS delta sampled by a background
   thread (coarse; pair it with ``tensor_bytes`` for an exact lower bound).
 * ``tensor_bytes(obj) -> int``: bytes held by the tensors in a (nested) tuple/list/dict/dataclass.
+* ``hbm_bytes_per_s(device) -> float | None``: the GPU's spec-sheet memory bandwidth (H100 / H200 / A100
+  variants by name; None elsewhere), the denominator of ``pct_of_hbm``.
 * ``write_results(op, payload, device) -> Path``: writes ``benchmarks/results/<op>-<device>.json`` with
   ``device_info`` merged in, and returns the path.
 * ``print_table(rows, title=None)``: prints a list of flat dicts as a rich table (columns from the keys).
@@ -73,6 +75,21 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
     except ImportError:
         info["triton"] = None
     return info
+
+
+_HBM_BYTES_PER_S = (  # spec-sheet bandwidths, most specific name first
+    ("h200", 4.8e12), ("h100 nvl", 3.9e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12),
+    ("a100-sxm4-80gb", 2.039e12), ("a100 80gb pcie", 1.935e12), ("a100", 1.555e12),
+)
+
+
+def hbm_bytes_per_s(device: torch.device | str | None = None) -> float | None:
+    """Spec-sheet memory bandwidth of the CUDA ``device`` (bytes/s), or None for other or unknown devices."""
+    dev = _as_device(device)
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev).lower()
+    return next((bw for key, bw in _HBM_BYTES_PER_S if key in name), None)
 
 
 def _sync(dev: torch.device) -> None:

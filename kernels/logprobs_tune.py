@@ -180,7 +180,7 @@ def tune(
         try:
             mismatch = _close(run(), expected, tol)
             ms = None if mismatch else time_ms(run, device, repeats)
-        except (triton.runtime.errors.OutOfResources, triton.CompilationError, RuntimeError) as err:
+        except (triton.errors.TritonError, RuntimeError) as err:  # compile/ptxas/resource failures, launch errors
             ms, mismatch = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         trials.append(Trial(knob, value, ms, mismatch))
         log(f"{knob:<18} {value:<26} " + (f"{ms:9.3f} ms" if ms is not None else f"skipped: {mismatch}"))

@@ -4,60 +4,94 @@
 #   tools/gpu_session.sh STAGE...      stages, each well under the device tool's 10-minute call limit:
 #     test       build the CUDA extension, run the kernel/op/packing/model tests (CUDA-only ones included; not
 #                the AOT compile checks, which target the CI toolchain and run without a GPU)
-#     tune       python -m bao_fast.kernels.logprobs_tune at PERF.md's shape -> $OUT/tuned/*.json
-#     bench      benchmarks/bench_logprobs.py headline shape (--head-only) -> $OUT/*.json
+#     tune       python -m bao_fast.kernels.logprobs_tune at PERF.md's shape -> $OUT/tuned/*.json; later stages
+#                of the same call launch with these tiles (BAO_FAST_TUNED_DIR)
+#     bench      benchmarks/bench_logprobs.py headline shape (--head-only)
 #     sweep      benchmarks/bench_logprobs.py full N x V sweep
 #     bench-ops  advantages, clipped-ratio loss and packing benchmarks
 #     trainer    packed (flash varlen) vs padded log-prob forward; trainer step breakdown with the hf engine
 #
-# Every stage installs the package first (editable, no index: the CUDA extension builds with nvcc + ninja and
-# is reused while the machine stays warm). Baselines that are not on the machine (liger-kernel,
-# cut-cross-entropy) can travel as wheels in .whl/ (see /work/.library/device/README.md); they are installed
-# to /tmp/site when present. Logs and results go to $OUT (./gpu-out without the device tool).
-set -euo pipefail
+# A failing stage does not stop the next: each stage's exit status goes to $OUT/status.txt (the script exits 1
+# if any failed). The package is installed editable with no index (the CUDA extension builds with nvcc +
+# ninja) unless this machine already has the same build (stamp: a hash of setup.py and csrc/). Baselines that
+# are not on the machine (liger-kernel, cut-cross-entropy) can travel as wheels in .whl/ (see
+# /work/.library/device/README.md); they are installed to /tmp/site when present.
+#
+# What comes back (the device tool returns at most 8 files): $OUT/status.txt, the results this call wrote
+# ($OUT/<op>-<device>.json), the tuned tiles ($OUT/tuned/*.json) and every log in $OUT/logs.tar.gz
+# (install, nvidia-smi, per-stage output). $OUT defaults to ./gpu-out without the device tool.
+set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
+LOGS="$OUT/logs"
+STAMP=/tmp/bao_fast_install.stamp
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
+mkdir -p "$LOGS"
+touch "$LOGS/.start"
 
 install() {
   if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      >"$LOGS/wheels.log" 2>&1 || { tail -20 "$LOGS/wheels.log"; return 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-    || { tail -40 "$OUT/install.log"; exit 1; }
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$OUT/gpu.csv" || true
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$LOGS/gpu.csv" || true
+  local hash
+  hash=$(cat setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+  if [[ -f $STAMP && $(cat "$STAMP") == "$hash" ]] && "$PY" -c "import bao_fast._C" 2>/dev/null; then
+    echo "install: reusing this machine's build ($hash)" >"$LOGS/install.log"
+    return 0
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 \
+    || { tail -40 "$LOGS/install.log"; return 1; }
+  echo "$hash" >"$STAMP"
 }
 
-copy_results() {
-  cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
+# Run "$@" with its output teed to $LOGS/<name>.log (the last lines shown); record the exit status.
+stage_run() {
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" 2>&1 | tee "$LOGS/$name.log" | tail -40
+  local rc=${PIPESTATUS[0]}
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/status.txt"
+  (( rc == 0 )) || failed=1
 }
 
-install
+finish() {
+  # results written by this call (never the committed CPU files), then one archive of the logs
+  find benchmarks/results -maxdepth 1 -name '*.json' -newer "$LOGS/.start" -exec cp {} "$OUT/" \;
+  rm -f "$LOGS/.start"
+  tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+}
+trap finish EXIT
+
+failed=0
+if ! install; then
+  echo "install rc=1" | tee -a "$OUT/status.txt"
+  exit 1
+fi
 for stage in "$@"; do
   case "$stage" in
     test)
-      "$PY" -m pytest -q -n 4 -p no:cacheprovider -k "not aot" tests/kernels tests/ops tests/data tests/models tests/csrc \
-        2>&1 | tee "$OUT/test.log" | tail -30 ;;
+      stage_run test "$PY" -m pytest -q -n 4 -p no:cacheprovider -k "not aot" \
+        tests/kernels tests/ops tests/data tests/models tests/csrc ;;
     tune)
-      "$PY" -m bao_fast.kernels.logprobs_tune --out-dir "$OUT/tuned" 2>&1 | tee "$OUT/tune.log" | tail -40 ;;
+      stage_run tune "$PY" -m bao_fast.kernels.logprobs_tune --out-dir "$OUT/tuned"
+      if compgen -G "$OUT/tuned/*.json" >/dev/null; then export BAO_FAST_TUNED_DIR="$OUT/tuned"; fi ;;
     bench)
-      "$PY" benchmarks/bench_logprobs.py --head-only 2>&1 | tee "$OUT/bench_logprobs.log" | tail -25
-      copy_results ;;
+      stage_run bench_logprobs "$PY" benchmarks/bench_logprobs.py --head-only ;;
     sweep)
-      "$PY" benchmarks/bench_logprobs.py 2>&1 | tee "$OUT/bench_logprobs_sweep.log" | tail -60
-      copy_results ;;
+      stage_run bench_logprobs_sweep "$PY" benchmarks/bench_logprobs.py ;;
     bench-ops)
       for script in bench_advantages bench_policy_loss bench_packing; do
-        "$PY" "benchmarks/$script.py" 2>&1 | tee "$OUT/$script.log" | tail -20
-      done
-      copy_results ;;
+        stage_run "$script" "$PY" "benchmarks/$script.py"
+      done ;;
     trainer)
-      "$PY" benchmarks/bench_packing_forward.py 2>&1 | tee "$OUT/bench_packing_forward.log" | tail -20
-      "$PY" benchmarks/bench_trainer_step.py --engine hf 2>&1 | tee "$OUT/bench_trainer_step.log" | tail -30
-      copy_results ;;
+      stage_run bench_packing_forward "$PY" benchmarks/bench_packing_forward.py
+      stage_run bench_trainer_step "$PY" benchmarks/bench_trainer_step.py --engine hf ;;
     *)
-      echo "unknown stage '$stage' (test tune bench sweep bench-ops trainer)" >&2; exit 2 ;;
+      echo "unknown stage '$stage' (test tune bench sweep bench-ops trainer)" | tee -a "$OUT/status.txt" >&2
+      failed=1 ;;
   esac
 done
+exit "$failed"

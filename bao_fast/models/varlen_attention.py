@@ -16,6 +16,7 @@ they must pick the same attention then. The lengths travel as a layer kwarg, so 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import sys
@@ -46,8 +47,9 @@ except ImportError:
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _flash_causal_kwargs(fn: Callable[..., torch.Tensor], gqa: bool) -> dict[str, Any] | None:
-    """Keyword arguments that make ``varlen_attn`` causal (and GQA) in this torch; None if it cannot be."""
+def _flash_causal_kwargs(fn: Callable[..., torch.Tensor], gqa: bool, scaling: float | None) -> dict[str, Any] | None:
+    """Keyword arguments that make ``varlen_attn`` causal (GQA, scaled by ``scaling``) in this torch; None if it
+    cannot be (no causal flag, or a custom scale that this version does not take)."""
     params = inspect.signature(fn).parameters
     if "window_size" in params:
         kwargs: dict[str, Any] = {"window_size": (-1, 0)}
@@ -57,7 +59,19 @@ def _flash_causal_kwargs(fn: Callable[..., torch.Tensor], gqa: bool) -> dict[str
         return None
     if gqa and "enable_gqa" in params:
         kwargs["enable_gqa"] = True
+    if scaling is not None:
+        if "scale" not in params:
+            return None
+        kwargs["scale"] = scaling
     return kwargs
+
+
+@functools.lru_cache(maxsize=4)
+def _device_cu_seqlens(seq_lens: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 ``[B+1]`` offsets of ``seq_lens`` on ``device``, copied once per batch from pinned memory without
+    blocking the host (every layer of a forward, and its recomputation, shares the tensor)."""
+    host = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def _flash_supports(query: torch.Tensor) -> bool:
@@ -78,13 +92,13 @@ def flash_varlen_causal_attention(
     """
     if _FLASH_VARLEN is None or not _flash_supports(query):
         return None
-    kwargs = _flash_causal_kwargs(_FLASH_VARLEN, gqa=key.shape[1] != query.shape[1])
+    kwargs = _flash_causal_kwargs(_FLASH_VARLEN, gqa=key.shape[1] != query.shape[1], scaling=scaling)
     if kwargs is None:
         return None
-    cu_seqlens = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=query.device)
+    cu_seqlens = _device_cu_seqlens(tuple(seq_lens), query.device)
     longest = max(seq_lens)
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [T, H, D]
-    out = _FLASH_VARLEN(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scaling, **kwargs)
+    out = _FLASH_VARLEN(q, k, v, cu_seqlens, cu_seqlens, longest, longest, **kwargs)
     return out.unsqueeze(0)
 
 

@@ -307,7 +307,7 @@ def accumulate_gradients(
     global_tokens, global_sequences = (max(x, 1.0) for x in sum_over_ranks(counts(mini)))
     offsets = batch.host_offsets().tokens.tolist()
     bounds = [(a + start, b + start) for a, b in mini.micro_batch_bounds(cfg.train.micro_batch_tokens)]
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per mini-batch, not per micro-batch
     for (a, b), weight in lockstep(bounds):
         micro = batch.select(a, b)
         t0, t1 = offsets[a], offsets[b]
@@ -335,11 +335,11 @@ def accumulate_gradients(
             if loss_cfg.entropy_coef:
                 objective = objective - loss_cfg.entropy_coef * mean_entropy * token_share
         objective.backward()
-        sums["loss"] = sums.get("loss", 0.0) + float(objective.detach())
+        sums["loss"] = sums.get("loss", 0.0) + objective.detach().double()
         for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + float(value) * token_share
+            sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().double() * token_share
     keys = sorted(sums)
-    return dict(zip(keys, sum_over_ranks([sums[k] for k in keys])))
+    return dict(zip(keys, sum_over_ranks(torch.stack([sums[k] for k in keys]).tolist())))
 
 
 def _global_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

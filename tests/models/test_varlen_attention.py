@@ -225,10 +225,15 @@ def test_flash_causal_kwargs_follow_the_installed_signature() -> None:
     def old(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None): ...
     def unknown(q, k, v, cu_q, cu_k, max_q, max_k): ...
 
-    assert varlen._flash_causal_kwargs(new, gqa=True) == {"window_size": (-1, 0), "enable_gqa": True}
-    assert varlen._flash_causal_kwargs(new, gqa=False) == {"window_size": (-1, 0)}
-    assert varlen._flash_causal_kwargs(old, gqa=True) == {"is_causal": True}
-    assert varlen._flash_causal_kwargs(unknown, gqa=False) is None
+    def no_scale(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False): ...
+
+    kwargs = varlen._flash_causal_kwargs
+    assert kwargs(new, gqa=True, scaling=None) == {"window_size": (-1, 0), "enable_gqa": True}
+    assert kwargs(new, gqa=False, scaling=0.5) == {"window_size": (-1, 0), "scale": 0.5}
+    assert kwargs(old, gqa=True, scaling=0.5) == {"is_causal": True, "scale": 0.5}
+    assert kwargs(no_scale, gqa=False, scaling=None) == {"is_causal": True}
+    assert kwargs(no_scale, gqa=False, scaling=0.5) is None  # a custom scale it cannot take: per-sequence path
+    assert kwargs(unknown, gqa=False, scaling=None) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
