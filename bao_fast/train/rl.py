@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from bao_fast.config import Config, config_to_dict, load_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
-from bao_fast.envs import Gym, make_tasks
+from bao_fast.envs import Gym
 from bao_fast.eval.evaluate import gym_factory
 from bao_fast.eval.metrics import summarize
 from bao_fast.models import load_tokenizer
@@ -51,6 +51,7 @@ from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
     TaskSampler,
+    config_tasks,
     derive_seed,
     gather_objects,
     initial_model,
@@ -443,11 +444,8 @@ def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedToke
         raise ValueError(
             f"train.mini_batch_size ({cfg.train.mini_batch_size}) must divide by the world size ({env.world_size})"
         )
-    e = cfg.env
-    path = e.tasks_path or None
-    train_tasks = make_tasks(e.name, split="train", n=e.num_train_tasks, level=e.level, seed=e.seed, path=path)
-    eval_tasks = make_tasks(e.name, split="test", n=min(e.num_eval_tasks, cfg.eval.num_tasks), level=e.level,
-                            seed=e.seed, path=path)
+    train_tasks = config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
+    eval_tasks = config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
     policy = load_policy(model_path, cfg.model, env)
     ref_policy = None
     if cfg.algo.loss.kl_coef > 0:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bao_fast.config import Config, ModelConfig, save_config
+from bao_fast.config import Config, ConfigError, ModelConfig, save_config
+from bao_fast.envs import make_tasks
 from bao_fast.models import TinyModelSpec, create_tiny_model
 from bao_fast.train.fsdp import DistEnv, init_distributed
 
@@ -71,6 +72,17 @@ class TaskSampler:
             raise ValueError(f"sampler state is for {state['num_tasks']} tasks, this run has {self.num_tasks}")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
+
+
+def config_tasks(cfg: Config, split: str, n: int, key: str) -> list[Any]:
+    """``n`` tasks of the config's gym (``env.name``, ``env.level``, ``env.seed``, ``env.tasks_path``) from
+    ``split``; a task source that cannot supply them raises ConfigError naming ``key`` (the count's key)."""
+    e = cfg.env
+    try:
+        return make_tasks(e.name, split=split, n=n, level=e.level, seed=e.seed, path=e.tasks_path or None)
+    except ValueError as exc:
+        source = f"env.tasks_path={e.tasks_path!r}" if e.tasks_path else "its built-in tasks"
+        raise ConfigError(f"config key '{key}' ({n} {split} tasks of the {e.name!r} gym from {source}): {exc}") from exc
 
 
 def tiny_spec(model: ModelConfig) -> TinyModelSpec:

@@ -27,13 +27,13 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from bao_fast.config import Config, ConfigError
-from bao_fast.envs import SCRIPTED_TEACHERS, make_tasks, needs_user_simulator
+from bao_fast.envs import SCRIPTED_TEACHERS, needs_user_simulator
 from bao_fast.envs.teachers.episode import TeacherEpisode
 from bao_fast.envs.teachers.llm_teacher import LLMTeacher
 from bao_fast.envs.user_client import UserSimulatorClient
 from bao_fast.eval.evaluate import gym_factory
 from bao_fast.rollout import ChatFormat
-from bao_fast.train.runtime import derive_seed, gather_objects
+from bao_fast.train.runtime import config_tasks, derive_seed, gather_objects
 
 Segments = list[tuple[str, list[int]]]
 Messages = list[dict[str, str]]
@@ -95,8 +95,7 @@ def solved_episodes(cfg: Config) -> list[Messages]:
     ``MAX_ATTEMPTS_PER_TRAJECTORY`` times as many attempts."""
     n = cfg.sft.num_trajectories
     env = cfg.env
-    tasks = make_tasks(env.name, split="train", n=env.num_train_tasks, level=env.level, seed=env.seed,
-                       path=env.tasks_path or None)
+    tasks = config_tasks(cfg, "train", env.num_train_tasks, "env.num_train_tasks")
     teacher = sft_teacher(cfg)
     workers = cfg.sft.teacher_workers if cfg.sft.teacher == "llm" else 1
     wave = workers * (dist.get_world_size() if dist.is_initialized() else 1)
