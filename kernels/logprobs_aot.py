@@ -4,8 +4,9 @@ Compiles every kernel of ``bao_fast.kernels.logprobs`` with the tiles ``tiles_fo
 when one exists, else the defaults), with every feature flag off and every flag on, down to a cubin (Triton's
 bundled ptxas), and reports shared memory, registers, spills and whether the main loops became tensor-core MMAs
 fed by asynchronous copies. Use it to check tile configs (shared-memory fit, no spills) on a machine without
-the target GPU. Arguments are specialised the way a real launch specialises them: unit strides are constants
-and pointers / leading strides are 16-byte aligned.
+the target GPU. Arguments are specialised the way a real launch specialises them: unit strides are constants,
+pointers / leading strides are 16-byte aligned, and strides and ``ignore_index`` are i32 (Triton types a Python
+int that fits in 32 bits so; the kernels widen row offsets to int64 themselves).
 
     python -m bao_fast.kernels.logprobs_aot --arch 80 90 --dtype bfloat16 float32
 
@@ -24,7 +25,7 @@ from bao_fast.kernels.logprobs_configs import DTYPE_NAMES, LogprobTiles, Tile, t
 DTYPES = tuple(DTYPE_NAMES.values())
 _SCALARS = {
     "K": int, "V": int, "H": int, "split_cols": int, "v_lo": int, "V_CHUNK": int, "num_splits": int,
-    "inv_temp": float, "ignore_index": "i64",
+    "inv_temp": float, "ignore_index": "i32",
 }  # fmt: skip
 _F32_POINTERS = ("part_ptr", "logp_ptr", "ent_ptr", "lse_ptr", "glogp_ptr", "gent_ptr", "db_ptr", "acc_ptr")
 _INT_POINTERS = ("tgt_ptr", "rows_ptr")
@@ -72,7 +73,7 @@ def _spec(fn, dtype: torch.dtype, constexprs: dict[str, object], tile: Tile | No
         elif name.endswith("_ptr"):
             args[name] = dtype
         elif name.startswith("stride"):
-            args[name] = "i64"
+            args[name] = "i32"
         else:
             args[name] = _SCALARS[name]
     strides = [name for name in args if name.startswith("stride")]
