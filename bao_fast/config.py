@@ -143,7 +143,8 @@ class SFTConfig:
 class TrainConfig:
     """RL loop sizes. A step = ``rollout.prompts_per_step`` prompts × ``group_size`` rollouts, split into
     ``mini_batch_size`` optimiser steps per PPO epoch, each accumulated over micro-batches of at most
-    ``micro_batch_tokens`` tokens."""
+    ``micro_batch_tokens`` tokens. ``entropy_every``: log the policy's entropy every N steps (0 = never; it is
+    computed on every step when ``algo.loss.entropy_coef`` > 0, which needs it)."""
 
     steps: int = 100
     ppo_epochs: int = 1
@@ -389,6 +390,7 @@ def validate(cfg: Config) -> Config:
     _require(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", f"must be >= 1, got {t.micro_batch_tokens}")
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {t.eval_every}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
+    _require(t.entropy_every >= 0, "train.entropy_every", f"must be >= 0 (0 = never logged), got {t.entropy_every}")
     _validate_optim(cfg.optim, "optim")
     s = cfg.sft
     _validate_optim(s.optim, "sft.optim")

@@ -18,7 +18,8 @@ class ShapingConfig:
     turn_credit: r2g (BAO, discounted reward-to-go) | equalized (UserRL, c_t = 1) | em.
     score: sum (BAO) | mean (UserRL's "Sum") | r2g (discounted return).
     info_seeking_coef: λ_IS, penalty for consecutive answers in a failed trajectory.
-    overthinking_coef: λ_OT, penalty for failed trajectories that ended before ``horizon`` turns.
+    overthinking_coef: λ_OT, penalty for failed trajectories that ended before ``horizon`` turns; 0 switches
+        the whole penalty off (its +0.2 and one-turn 0.5 terms too, which BAO.md states without λ_OT).
     horizon: the turn budget T. norm_by_std: divide by the group std (GRPO) or not (Dr.GRPO).
     """
 

@@ -9,6 +9,8 @@ One RL step, as :func:`rl_step` reads top to bottom:
    Recompute skips the first mini-batch: its first update runs on the old weights, so its training forward
    supplies them (with one mini-batch, all of them: no extra forward at all);
 5. shaped advantages: BAO penalties, turn credits, trajectory scores, group normalisation, per token;
+   an episode a gym error ended is left out of its group's baseline and gets no advantage (the gym failed,
+   not the policy: it must not be penalised as a failed episode);
 6. for each PPO epoch and mini-batch of prompts: clipped-ratio loss over token-budget micro-batches
    (gradients accumulated, normalised by the global token / sequence count), clip, optimiser step —
    skipped when the loss or gradient norm is not finite;
@@ -141,10 +143,11 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
         torch.tensor([x for t in trajectories for x in t.turn_rewards], dtype=torch.float32, device=env.device),
         torch.tensor([x for t in trajectories for x in t.turn_is_answer], dtype=torch.bool, device=env.device),
         batch.turn_offsets,
-        torch.tensor([t.group_id for t in trajectories], dtype=torch.int64, device=env.device),
+        torch.tensor(advantage_group_ids(trajectories), dtype=torch.int64, device=env.device),
         batch.target_turn_ids,
         cfg.algo.shaping,
     )
+    zero_gym_error_advantages(shaped.token_advantages, trajectories, batch)
 
     # 6. PPO epochs over mini-batches of prompts, micro-batched by token budget
     t0 = time.perf_counter()
@@ -163,6 +166,22 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     metrics["tokens_per_s"] = metrics["tokens_total"] / max(total_time, 1e-9)
     metrics["peak_memory_gb"] = peak_memory_gb(env)
     return metrics
+
+
+def advantage_group_ids(trajectories: list[Trajectory]) -> list[int]:
+    """Group ids for the advantage op: each episode that a gym error ended gets a group of its own, so its
+    score is not part of its prompt group's mean and std."""
+    fresh = itertools.count(max((t.group_id for t in trajectories), default=-1) + 1)
+    return [next(fresh) if t.end_reason == "gym_error" else t.group_id for t in trajectories]
+
+
+def zero_gym_error_advantages(advantages: torch.Tensor, trajectories: list[Trajectory], batch: PackedBatch) -> None:
+    """Set the token advantages ``[T]`` of every episode a gym error ended to 0, in place (host offsets: no
+    device sync)."""
+    offsets = batch.host_offsets().tokens.tolist()
+    for b, t in enumerate(trajectories):
+        if t.end_reason == "gym_error":
+            advantages[offsets[b] : offsets[b + 1]] = 0.0
 
 
 def sync_engine(s: RLSetup) -> None:
@@ -252,7 +271,8 @@ def policy_update(
     cfg = s.cfg
     num_minibatches = len(cuts) - 1
     recompute = cfg.rollout.old_logprobs == "recompute"
-    with_entropy = cfg.train.entropy_every > 0 and state.step % cfg.train.entropy_every == 0
+    logged = cfg.train.entropy_every > 0 and state.step % cfg.train.entropy_every == 0
+    with_entropy = logged or cfg.algo.loss.entropy_coef != 0  # the bonus needs it on every step
     totals: dict[str, float] = {}
     grad_norms, skipped, lr = [], 0, s.scheduler.get_last_lr()[0]
     for epoch in range(cfg.train.ppo_epochs):

@@ -49,13 +49,13 @@ def batch():
 
 
 def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, epochs: int,
-               old_logp: torch.Tensor | None = None):
+               old_logp: torch.Tensor | None = None, overrides: tuple[str, ...] = ()):
     """One policy_update on fresh weights; returns (policy, old_logp after it, stats, no-grad forwards)."""
     cfg = load_config(None, [
         "model.tiny=true", f"rollout.old_logprobs={old_logprobs}", f"rollout.group_size={GROUP}",
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.temperature={TEMPERATURE}",
         f"train.mini_batch_size={mini_batch_size}", f"train.ppo_epochs={epochs}", "train.micro_batch_tokens=48",
-        "optim.lr=3e-3",
+        "optim.lr=3e-3", *overrides,
     ])
     policy = Policy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     no_grad_forwards: list[int] = []
@@ -128,3 +128,14 @@ def test_micro_batching_does_not_change_the_gradient(model_dir, agg):
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
     for a, b in zip(whole_grads, split_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_entropy_bonus_applies_on_steps_that_do_not_log_entropy(model_dir, batch):
+    """train.entropy_every only sets how often entropy is logged; the bonus applies on every step."""
+    plain, _, plain_stats, _ = run_update(model_dir, batch, "recompute", PROMPTS, 1,
+                                          overrides=("train.entropy_every=0",))
+    bonus, _, stats, _ = run_update(model_dir, batch, "recompute", PROMPTS, 1,
+                                    overrides=("train.entropy_every=0", "algo.loss.entropy_coef=1"))
+    assert "actor/entropy" not in plain_stats and stats["actor/entropy"] > 0
+    moved = max((p - q).abs().max().item() for p, q in zip(bonus.parameters(), plain.parameters(), strict=True))
+    assert moved > 1e-4
