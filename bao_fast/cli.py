@@ -1,7 +1,14 @@
 """``bao-fast`` command line: dispatches each subcommand to the module that implements it.
 
-Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. A module that is not
-there yet leaves its subcommand listed, failing with a clear message that names the issue.
+Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen command's
+module is imported (they pull in torch, transformers or vLLM), so ``bao-fast --help`` loads none of them.
+
+A mistake in what the user typed ends the command with one line on stderr, ``bao-fast <cmd>: <message>``,
+and exit status 2 (argparse's own status for bad arguments): :class:`UsageError` (flags that do not go
+together, an unknown name, input files that are not what the command reads), ``ConfigError`` (a bad
+config file or ``KEY=VALUE`` override) and ``FileNotFoundError`` (a path that does not exist). The
+commands load their config inside ``run``, so these are caught around it; any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,52 +18,62 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand -> (module, one-line help, issue that delivers it)
-COMMANDS: dict[str, tuple[str, str, int]] = {
-    "sft": ("bao_fast.train.sft", "behaviour-enhanced SFT on teacher trajectories", 8),
-    "train": ("bao_fast.train.rl", "BAO multi-turn GRPO training (SFT first when enabled)", 8),
-    "eval": ("bao_fast.eval.evaluate", "evaluate a checkpoint or an OpenAI-compatible endpoint on a gym", 9),
-    "pareto": ("bao_fast.eval.pareto", "Pareto frontier of Score vs user effort over runs", 9),
-    "bench": ("bao_fast.eval.bench", "run the benchmark suite and render its report", 9),
-    "demo": ("bao_fast.train.demo", "the embedded default: tiny model, Function gym, SFT then BAO RL", 8),
+from bao_fast.config import ConfigError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("bao_fast.train.sft", "behaviour-enhanced SFT on teacher trajectories"),
+    "train": ("bao_fast.train.rl", "BAO multi-turn GRPO training (SFT first when enabled)"),
+    "eval": ("bao_fast.eval.evaluate", "evaluate a checkpoint or an OpenAI-compatible endpoint on a gym"),
+    "pareto": ("bao_fast.eval.pareto", "Pareto frontier of Score vs user effort over runs"),
+    "bench": ("bao_fast.eval.bench", "run the benchmark suite and render its report"),
+    "demo": ("bao_fast.train.demo", "the embedded default: tiny model, Function gym, SFT then BAO RL"),
 }
 
 
-def _load(module_name: str):
-    """Import a command module; None when the module itself does not exist yet."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
+class UsageError(ValueError):
+    """The command line asks for something the command cannot do; the message names the argument."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+USER_ERRORS: tuple[type[Exception], ...] = (UsageError, ConfigError, FileNotFoundError)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``bao-fast`` parser. Every subcommand is listed; only ``command`` has its arguments (and its
+    module imported), enough to parse a command line that names it."""
     parser = argparse.ArgumentParser(
         prog="bao-fast", description="BAO trainer for proactive multi-turn LLM agents, with fused ops."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
-    for name, (module_name, help_text, issue) in COMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            sub.add_parser(name, help=f"{help_text} (not implemented yet: see issue {issue})")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
             continue
-        command = sub.add_parser(name, help=help_text, description=module.__doc__)
-        module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+        module = importlib.import_module(module_name)
+        parsed = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(parsed)
+        parsed.set_defaults(_run=module.run)
     return parser
 
 
+def _message(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run = getattr(args, "_run", None)
-    if run is None:
-        _, _, issue = COMMANDS[args.command]
-        print(f"bao-fast {args.command}: not implemented yet: see issue {issue}", file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"bao-fast {args.command}: {_message(exc)}", file=sys.stderr)
         return 2
-    return int(run(args) or 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bao_fast import cli  # the imported module: its UsageError is the class the commands raise
+
+    sys.exit(cli.main())

@@ -1,10 +1,16 @@
-"""The ``bao-fast`` dispatcher: every subcommand is listed and has working ``--help``."""
+"""The ``bao-fast`` dispatcher: every subcommand is listed and has working ``--help``, only the chosen
+command's module is imported, and mistakes in the command line end in one line and exit status 2."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bao_fast.cli import COMMANDS, build_parser, main
+from bao_fast.eval import pareto
 
 
 def test_every_subcommand_is_listed_in_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -14,6 +20,15 @@ def test_every_subcommand_is_listed_in_help(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     for name in COMMANDS:
         assert name in out
+
+
+def test_help_imports_no_command_module() -> None:
+    code = (
+        "import sys\nfrom bao_fast.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('bao_fast.eval', 'bao_fast.train', 'torch'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -29,3 +44,41 @@ def test_unknown_subcommand_is_rejected(capsys: pytest.CaptureFixture[str]) -> N
         build_parser().parse_args(["launch"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--endpoint", "http://127.0.0.1:9"], "bao-fast eval: --endpoint needs --model NAME"),
+        (["eval", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--temperature", "0.5"],
+         "bao-fast eval: --temperature needs --sample"),
+        (["eval", "--endpoint", "http://127.0.0.1:9", "--model", "m", "env.nope=1"],
+         "bao-fast eval: unknown config key 'env.nope'"),
+        (["eval", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--config", "no/such.yaml"],
+         "bao-fast eval: no/such.yaml: No such file or directory"),
+        (["pareto"], "bao-fast pareto: give summaries"),
+        (["pareto", "no/such/run"], "bao-fast pareto: inputs: no/such/run does not exist"),
+        (["bench", "--only", "nosuchop", "--bench-dir", "{tmp}"], "bao-fast bench: --only: no benchmarks/bench_*.py"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(args: object) -> int:
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(pareto, "run", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["pareto", "x"])
+
+
+def test_module_entry_point_reports_user_errors() -> None:
+    """``python -m bao_fast.cli`` (torchrun, sweeps) catches the UsageError class the commands import."""
+    result = subprocess.run([sys.executable, "-m", "bao_fast.cli", "pareto"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("bao-fast pareto: give summaries")

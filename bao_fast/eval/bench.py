@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import bao_fast
+from bao_fast.cli import UsageError
 
 REPORT_NAME = "REPORT.md"
 
@@ -46,7 +47,7 @@ def discover(bench_dir: Path, only: Sequence[str] = ()) -> list[Path]:
     if only:
         scripts = [s for s in scripts if any(word in s.stem for word in only)]
         if not scripts:
-            raise ValueError(f"--only: no benchmarks/bench_*.py matches {list(only)}")
+            raise UsageError(f"--only: no benchmarks/bench_*.py matches {list(only)}")
     return scripts
 
 

@@ -12,14 +12,21 @@ Pass@U-k, UR, turns, per-choice counts, 95% CIs; plus the decoding settings and 
 Gym, task source and budgets come from the run config (``--config`` and dotted ``KEY=VALUE``
 overrides): ``env.*``, ``eval.*``, ``rollout.max_turn_tokens`` / ``max_model_len`` / ``top_p``. The
 ``k`` seeds are ``seed, seed+1, ...``: each task is played once per seed, all episodes batched together.
+Decoding is greedy unless ``--sample`` (``eval.greedy=false``); ``--temperature`` without ``--sample`` is
+an error, and greedy decoding with several seeds warns (the seeds replay the same agent, so the intervals
+would count repeats as independent episodes). The summary's ``label`` defaults to the checkpoint's
+``RUN/DIR`` (``runs/x/final-model`` -> ``x/final-model``) or the endpoint's ``--model``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,9 +34,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from bao_fast.cli import UsageError
 from bao_fast.config import Config, ConfigError, load_config
-from bao_fast.envs import Gym, make_gym, make_tasks, needs_user_simulator
-from bao_fast.envs.user_client import UserSimulatorClient
+from bao_fast.envs import Gym, StepResult, make_gym, make_tasks, needs_user_simulator
+from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError
 from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
 from bao_fast.rollout import GenerationEngine, GenerationParams, Trajectory, run_episodes
@@ -38,6 +46,8 @@ from bao_fast.rollout.agent_loop import end_reason_of
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
 SUMMARY_MD_FILE = "summary.md"
+
+logger = logging.getLogger(__name__)
 
 
 def eval_tasks(cfg: Config) -> list[Any]:
@@ -77,7 +87,8 @@ def episode_seeds(cfg: Config) -> list[int]:
 
 
 def decoding(cfg: Config) -> dict[str, Any]:
-    """The decoding settings of an evaluation, as recorded in its summary."""
+    """The decoding settings of an evaluation, as recorded in its summary (greedy: temperature 0 and
+    top-p 1, whatever ``eval.temperature`` and ``rollout.top_p`` say)."""
     greedy = cfg.eval.greedy
     return {
         "greedy": greedy,
@@ -87,6 +98,19 @@ def decoding(cfg: Config) -> dict[str, Any]:
         "max_turns": cfg.env.max_turns,
         "seeds": episode_seeds(cfg),
     }
+
+
+def repeated_seeds_warning(cfg: Config) -> str | None:
+    """Why ``eval.num_seeds > 1`` under greedy decoding misleads, or None. The agent then replays its
+    replies on every seed (only a seeded gym or a sampling user simulator can make them differ), yet the
+    confidence intervals count every episode as an independent sample, so they come out too narrow."""
+    if not cfg.eval.greedy or cfg.eval.num_seeds == 1:
+        return None
+    return (
+        f"greedy decoding with {cfg.eval.num_seeds} seeds (--seeds / eval.num_seeds) repeats the agent's "
+        "episodes on every seed, and the confidence intervals count the repeats as independent episodes "
+        "(too narrow); use --sample for independent seeds, or one seed"
+    )
 
 
 def evaluate_model(
@@ -121,6 +145,18 @@ def evaluate_model(
     )
 
 
+def _step(gym: Gym, text: str, task_id: str) -> StepResult | None:
+    """``gym.step(text)``, or None when a gym bug raised (logged); a ``UserSimulatorError`` propagates."""
+    try:
+        return gym.step(text)
+    except UserSimulatorError:
+        raise
+    except Exception as exc:
+        logger.warning("gym %s raised on task %s; the episode ends (gym_error)", type(gym).__name__, task_id,
+                       exc_info=exc)
+        return None
+
+
 def _endpoint_episode(
     client: UserSimulatorClient,
     gym: Gym,
@@ -130,21 +166,45 @@ def _endpoint_episode(
     cfg: Config,
     extra_body: Mapping[str, Any] | None,
 ) -> Trajectory:
-    """One episode against the endpoint, in text space: the whole conversation is sent every turn."""
+    """One episode against the endpoint, in text space: the whole conversation is sent every turn.
+
+    Ends like the agent loop's episodes (``bao_fast.rollout.agent_loop``): ``context_limit`` when the server
+    refuses a later turn's request as longer than its context (the turns played stand); ``gym_error`` when
+    the gym raises, that turn recorded ``invalid`` with reward 0. A refused opening request raises
+    ValueError (no turn fits: the settings are wrong, as for an opening prompt past ``max_model_len``); any
+    other ``UserSimulatorError`` (agent server or user simulator unreachable) propagates."""
     messages = gym.reset(task, seed)
     traj = Trajectory(str(getattr(task, "id", index)), index, seed, engine_logprobs=None, messages=list(messages))
     dec = decoding(cfg)
     for turn in range(cfg.env.max_turns):
-        reply = client.complete(  # seeds matter only when sampling; distinct per episode seed and turn
-            traj.messages,
-            max_tokens=cfg.rollout.max_turn_tokens,
-            temperature=dec["temperature"],
-            top_p=dec["top_p"],
-            seed=seed * 1000 + turn,
-            extra_body=extra_body,
-        )
-        result = gym.step(reply.content)
-        traj.messages += [{"role": "assistant", "content": reply.content}, {"role": "user", "content": result.feedback}]
+        try:
+            reply = client.complete(  # seeds matter only when sampling; distinct per episode seed and turn
+                traj.messages,
+                max_tokens=cfg.rollout.max_turn_tokens,
+                temperature=dec["temperature"],
+                top_p=dec["top_p"],
+                seed=seed * 1000 + turn,
+                extra_body=extra_body,
+            )
+        except UserSimulatorError as exc:
+            if not exc.context_overflow:
+                raise
+            if turn == 0:
+                raise ValueError(
+                    f"task {traj.task_id}: the opening prompt plus rollout.max_turn_tokens="
+                    f"{cfg.rollout.max_turn_tokens} exceed the endpoint's context ({exc})"
+                ) from exc
+            traj.end_reason = "context_limit"
+            break
+        traj.messages.append({"role": "assistant", "content": reply.content})
+        result = _step(gym, reply.content, traj.task_id)
+        if result is None:
+            traj.turn_choices.append("invalid")
+            traj.turn_rewards.append(0.0)
+            traj.turn_is_answer.append(False)
+            traj.end_reason = "gym_error"
+            break
+        traj.messages.append({"role": "user", "content": result.feedback})
         traj.turn_choices.append(str(result.info.get("choice", "invalid")))
         traj.turn_rewards.append(float(result.reward))
         traj.turn_is_answer.append(bool(result.info.get("user_involved", False)))
@@ -206,9 +266,7 @@ def write_eval(trajs: Sequence[Trajectory], out_dir: str | Path, meta: Mapping[s
     for traj in trajs:
         by_seed.setdefault(traj.seed, []).append(traj.reward)
     summary["score_per_seed"] = {str(s): sum(r) / len(r) for s, r in by_seed.items()}
-    summary["end_reasons"] = {
-        reason: sum(t.end_reason == reason for t in trajs) for reason in sorted({str(t.end_reason) for t in trajs})
-    }
+    summary["end_reasons"] = dict(sorted(Counter(str(t.end_reason) for t in trajs).items()))
     summary = {**meta, **summary}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     (out / SUMMARY_MD_FILE).write_text(summary_markdown(summary))
@@ -237,13 +295,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="number of seeds k (eval.num_seeds)")
     parser.add_argument("--num-tasks", type=int, help="tasks of the test split (eval.num_tasks)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, help="sampling temperature (eval.temperature)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (eval.temperature; needs --sample)")
     parser.add_argument("--out", type=Path, default=Path("eval"), help="output directory (default: ./eval)")
-    parser.add_argument("--label", help="name of this evaluation in Pareto tables (default: the model)")
+    parser.add_argument(
+        "--label", help="name of this evaluation in Pareto tables (default: RUN/DIR of the checkpoint, or --model)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
+def default_label(args: argparse.Namespace) -> str:
+    """The checkpoint's directory with its parent (``runs/x/final-model`` -> ``x/final-model``: every
+    trainer export is a ``final-model``), or the endpoint's ``--model``."""
+    if args.checkpoint is None:
+        return args.model
+    path = args.checkpoint.resolve()
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def _config(args: argparse.Namespace) -> Config:
+    if args.temperature is not None and not args.sample:
+        raise UsageError("--temperature needs --sample (greedy decoding has no temperature)")
     overrides = list(args.overrides)
     overrides.append(f"model.path={args.checkpoint if args.checkpoint is not None else args.model}")
     overrides.append("model.tiny=false")
@@ -260,14 +331,17 @@ def _config(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     if args.endpoint is not None and not args.model:
-        raise SystemExit("bao-fast eval: --endpoint needs --model NAME")
+        raise UsageError("--endpoint needs --model NAME")
     cfg = _config(args)
+    warning = repeated_seeds_warning(cfg)
+    if warning:
+        print(f"bao-fast eval: warning: {warning}", file=sys.stderr)
     tasks = eval_tasks(cfg)
     if args.checkpoint is not None:
         from bao_fast.models import load_tokenizer
 
         if not (args.checkpoint / "config.json").is_file():
-            raise SystemExit(f"bao-fast eval: --checkpoint {args.checkpoint} is not an HF checkpoint (no config.json)")
+            raise UsageError(f"--checkpoint {args.checkpoint} is not an HF checkpoint (no config.json)")
         engine_kind = args.engine or cfg.rollout.engine
         engine, tokenizer = _build_engine(engine_kind, args.checkpoint, cfg), load_tokenizer(args.checkpoint)
         start = time.perf_counter()  # episodes only, not the model load
@@ -280,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         model, engine_kind = args.model, f"endpoint:{args.endpoint}"
     elapsed = time.perf_counter() - start
     meta = {
-        "label": args.label or Path(model).name,
+        "label": args.label or default_label(args),
         "model": model,
         "engine": engine_kind,
         "gym": cfg.env.name,

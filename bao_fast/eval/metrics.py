@@ -4,23 +4,27 @@ Definitions (per episode τ with per-turn choices a_t and rewards r_t, |τ| turn
 
 - **score**: mean over episodes of the task reward Σ_t r_t (Function: 1 when solved, so the success rate).
 - **success_rate**: fraction of episodes whose task was solved.
-- **pass_at_u[k]** (k = 1..9): fraction of episodes solved within their first k answer submissions. The
-  solving submission is the first ``answer`` turn with a positive reward; an episode marked successful
-  without such a turn counts with all its answers.
+- **pass_at_u[k]** (k = 1..9): fraction of episodes solved within their first k answer submissions
+  (:attr:`EpisodeRecord.answers_to_solve` <= k). Every gym ends the episode on the submission that solves
+  it, so a solved episode needed all U(τ) of its submissions; rewards do not mark the solving one
+  (Intention pays each coverage gain, so earlier, partial answers have positive rewards too).
 - **ur**: mean of U(τ)/|τ| (episodes with no turn count 0).
 - **turns**: mean |τ|; **answers**: mean U(τ); **choice_counts** / **choice_fractions**: over all turns.
 
-Confidence intervals (95%): proportions (success_rate, pass_at_u) use the Wilson score interval, which
-stays inside [0, 1] and is sensible at 0 or n successes; means (score, ur, turns) use the normal
-approximation mean ± 1.96·s/√n with the Bessel-corrected s. ``ci="bootstrap"`` instead resamples episodes
-(percentile interval, 2000 resamples, seeded) for every metric.
+Confidence intervals (95%), ``ci="auto"``: proportions (success_rate, pass_at_u) and means whose per-episode
+values are all 0 or 1 (then a proportion too: Score on Function or Telepathy, UR when no episode answers)
+use the Wilson score interval, which stays inside [0, 1] and keeps a width at 0 or n successes; other means
+(score, ur, turns) use the percentile bootstrap over episodes (2000 resamples, seeded, so deterministic),
+which stays inside the observed range and is asymmetric near a bound. A sample of equal non-binary values
+(every episode 15 turns) has nothing to resample: its interval is that value. ``ci="bootstrap"``
+bootstraps every metric.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +64,12 @@ class EpisodeRecord:
 
     @property
     def answers_to_solve(self) -> int | None:
-        """Answer submissions up to and including the solving one; None if unsolved."""
-        if not self.success:
-            return None
-        seen = 0
-        for choice, reward in zip(self.choices, self.rewards, strict=True):
-            seen += choice == "answer"
-            if choice == "answer" and reward > 0:
-                return seen
-        return seen
+        """Answer submissions the episode used to solve its task, None if unsolved: all of them, since
+        every gym ends the episode on the solving submission (Function, Telepathy and Twenty Questions pay
+        only that one, Intention pays every coverage gain on the way). A task solved without any
+        submission used no user effort, so it counts 0 and passes Pass@U-k for every k: it was solved
+        before the first submission, and Pass@U-k stays a budget curve rising to the success rate."""
+        return self.num_answers if self.success else None
 
     @classmethod
     def of(cls, episode: Any) -> EpisodeRecord:
@@ -97,23 +98,24 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def normal_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
-    """mean ± z·s/√n (s with Bessel's correction; zero width for a single value)."""
-    x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
-    half = z * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else 0.0
-    return mean - half, mean + half
-
-
 def _bootstrap(values: np.ndarray, seed: int) -> tuple[float, float]:
     """Percentile interval of the mean of ``values`` float64[n] over episode resamples."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(values), size=(BOOTSTRAP_SAMPLES, len(values)))
     means = values[idx].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    lo, hi = np.clip(np.quantile(means, (0.025, 0.975)), values.min(), values.max())  # no rounding past the data
+    return float(lo), float(hi)
 
 
-def summarize(episodes: Iterable[Any], ci: str = "normal", seed: int = 0, max_k: int = MAX_K) -> dict[str, Any]:
+def mean_interval(values: np.ndarray, seed: int) -> tuple[float, float]:
+    """95% interval of the mean of ``values`` float64[n]: Wilson when every value is 0 or 1, else the
+    percentile bootstrap seeded with ``seed``."""
+    if np.isin(values, (0.0, 1.0)).all():
+        return wilson_interval(int(values.sum()), len(values))
+    return _bootstrap(values, seed)
+
+
+def summarize(episodes: Iterable[Any], ci: str = "auto", seed: int = 0, max_k: int = MAX_K) -> dict[str, Any]:
     """Aggregate metrics of evaluation episodes (see the module docstring), Pass@U-k for k = 1..``max_k``;
     JSON-serialisable.
 
@@ -121,8 +123,8 @@ def summarize(episodes: Iterable[Any], ci: str = "normal", seed: int = 0, max_k:
     {k: value}, pass_at_u_ci {k: [lo, hi]}, ur, ur_ci, turns, turns_ci, answers, choice_counts,
     choice_fractions``; every ``*_ci`` is a [low, high] list.
     """
-    if ci not in ("normal", "bootstrap"):
-        raise ValueError(f"ci must be 'normal' or 'bootstrap', got {ci!r}")
+    if ci not in ("auto", "bootstrap"):
+        raise ValueError(f"ci must be 'auto' or 'bootstrap', got {ci!r}")
     if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
         raise ValueError(f"max_k must be an int >= 1, got {max_k!r}")
     records = [EpisodeRecord.of(e) for e in episodes]
@@ -136,28 +138,23 @@ def summarize(episodes: Iterable[Any], ci: str = "normal", seed: int = 0, max_k:
     solve_k = [r.answers_to_solve for r in records]
     passes = {k: np.asarray([s is not None and s <= k for s in solve_k], dtype=np.float64) for k in range(1, max_k + 1)}
 
-    def proportion_ci(x: np.ndarray, key: int) -> list[float]:
-        if ci == "bootstrap":
-            return list(_bootstrap(x, seed + key))
-        return list(wilson_interval(int(x.sum()), n))
-
-    def mean_ci(x: np.ndarray, key: int) -> list[float]:
-        return list(_bootstrap(x, seed + key) if ci == "bootstrap" else normal_interval(x))
+    def interval(x: np.ndarray, key: int) -> list[float]:  # proportions are 0/1 means: Wilson under "auto"
+        return list(_bootstrap(x, seed + key) if ci == "bootstrap" else mean_interval(x, seed + key))
 
     counts = Counter(c for r in records for c in r.choices)
     total_turns = int(turns.sum())
     return {
         "num_episodes": n,
         "score": float(score.mean()),
-        "score_ci": mean_ci(score, 100),
+        "score_ci": interval(score, 100),
         "success_rate": float(success.mean()),
-        "success_rate_ci": proportion_ci(success, 101),
+        "success_rate_ci": interval(success, 101),
         "pass_at_u": {k: float(v.mean()) for k, v in passes.items()},
-        "pass_at_u_ci": {k: proportion_ci(v, k) for k, v in passes.items()},
+        "pass_at_u_ci": {k: interval(v, k) for k, v in passes.items()},
         "ur": float(ur.mean()),
-        "ur_ci": mean_ci(ur, 102),
+        "ur_ci": interval(ur, 102),
         "turns": float(turns.mean()),
-        "turns_ci": mean_ci(turns, 103),
+        "turns_ci": interval(turns, 103),
         "answers": float(np.mean([r.num_answers for r in records])),
         "choice_counts": {c: int(counts.get(c, 0)) for c in CHOICES},
         "choice_fractions": {c: counts.get(c, 0) / total_turns if total_turns else 0.0 for c in CHOICES},

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bao_fast.cli import UsageError
 from bao_fast.eval import plots, report, sweep
 
 SUMMARY_FILE = "summary.json"
@@ -75,7 +76,7 @@ def _ci(value: Any, key: str, source: str) -> tuple[float, float] | None:
     if value is None:
         return None
     if not (isinstance(value, Sequence) and len(value) == 2):
-        raise ValueError(f"{source}: '{key}' must be a [low, high] pair, got {value!r}")
+        raise UsageError(f"{source}: '{key}' must be a [low, high] pair, got {value!r}")
     return float(value[0]), float(value[1])
 
 
@@ -83,7 +84,7 @@ def point_from_summary(summary: Mapping[str, Any], label: str, source: str = "")
     """A point from an evaluation summary as written by ``bao-fast eval`` (``metrics.summarize``)."""
     for key in ("score", "ur"):
         if key not in summary:
-            raise ValueError(f"{source or 'summary'}: missing key '{key}' (is this an evaluation summary?)")
+            raise UsageError(f"{source or 'summary'}: missing key '{key}' (is this an evaluation summary?)")
     pass_at_u = summary.get("pass_at_u", {})
     if isinstance(pass_at_u, Mapping):  # {"1": p1, "2": p2, ...} once through JSON
         curve = tuple(float(pass_at_u[k]) for k in sorted(pass_at_u, key=int))
@@ -127,10 +128,10 @@ def load_summary(path: str | Path) -> tuple[dict[str, Any], Path]:
     data = json.loads(p.read_text())
     if isinstance(data, list):  # a run's evals.json: one summary per evaluated step
         if not data or not isinstance(data[-1], dict):
-            raise ValueError(f"{p}: expected a non-empty list of evaluation summaries")
+            raise UsageError(f"{p}: expected a non-empty list of evaluation summaries")
         data = data[-1]
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected an evaluation summary (a JSON object)")
+        raise UsageError(f"{p}: expected an evaluation summary (a JSON object)")
     return data, p
 
 
@@ -159,7 +160,7 @@ def write_outputs(points: Sequence[ParetoPoint], out_dir: str | Path) -> dict[st
     labels = [p.label for p in points]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise ValueError(f"points: duplicate labels {dup}; name them with NAME=PATH")
+        raise UsageError(f"points: duplicate labels {dup}; name them with NAME=PATH")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front(points)
@@ -193,9 +194,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.grid and not args.sweep:
-        raise SystemExit("bao-fast pareto: --grid needs --sweep BASE_YAML")
+        raise UsageError("--grid needs --sweep BASE_YAML")
     if not args.inputs and not args.sweep:
-        raise SystemExit("bao-fast pareto: give summaries / run directories, or --sweep")
+        raise UsageError("give summaries / run directories ([NAME=]PATH), or --sweep")
     runs = sweep.plan(args.sweep, sweep.parse_grid(args.grid), Path(args.out) / "runs", args.set) if args.sweep else []
     if args.dry_run:
         for r in runs:

@@ -67,7 +67,10 @@ def pareto_markdown(points: Sequence[ParetoPoint], front: Sequence[int], ks: Seq
                 "–" if p.num_episodes is None else p.num_episodes,
             ]
         )
-    title = "# Pareto frontier: Score ↑ vs UR ↓\n\n★ = not dominated (no run has higher Score and lower UR).\n\n"
+    title = (
+        "# Pareto frontier: Score ↑ vs UR ↓\n\n★ = not dominated: no other run has Score ≥ and UR ≤ this run's "
+        "with at least one strictly better (exact ties are all starred).\n\n"
+    )
     return title + md_table(header, rows, "ll" + "r" * (len(header) - 2))
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bao_fast.cli import UsageError
 from bao_fast.config import load_config
 
 
@@ -38,9 +39,9 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
         key, sep, raw = spec.partition("=")
         values = [v.strip() for v in raw.split(",")]
         if not sep or not key.strip() or not all(values):
-            raise ValueError(f"grid: {spec!r} must look like 'section.key=v1,v2,...'")
+            raise UsageError(f"grid: {spec!r} must look like 'section.key=v1,v2,...'")
         if any(k == key.strip() for k, _ in grid):
-            raise ValueError(f"grid: key {key.strip()!r} given twice")
+            raise UsageError(f"grid: key {key.strip()!r} given twice")
         grid.append((key.strip(), values))
     return grid
 
@@ -55,7 +56,7 @@ def plan(
     """Every combination of the grid as a run. Each combination is validated with ``load_config`` up
     front, so a typo fails before hours of training rather than after."""
     if not grid:
-        raise ValueError("grid: a sweep needs at least one KEY=V1,V2 axis")
+        raise UsageError("grid: a sweep needs at least one KEY=V1,V2 axis (--grid)")
     base = Path(base_config)
     if not base.is_file():
         raise FileNotFoundError(f"base_config: {base} does not exist")

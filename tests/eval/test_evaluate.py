@@ -13,20 +13,26 @@ from typing import Any
 
 import pytest
 
+from bao_fast.cli import UsageError
 from bao_fast.config import load_config
-from bao_fast.envs import FunctionTask
-from bao_fast.envs.user_client import UserSimulatorClient
+from bao_fast.envs import FunctionGym, FunctionTask, Outcome, ToolCall
+from bao_fast.envs.user_client import ChatCompletion, UserSimulatorClient, UserSimulatorError
 from bao_fast.eval import evaluate
-from bao_fast.eval.evaluate import evaluate_endpoint, write_eval
+from bao_fast.eval.evaluate import evaluate_endpoint, repeated_seeds_warning, write_eval
 from bao_fast.eval.metrics import summarize
 from bao_fast.models import create_tiny_model
+from bao_fast.rollout import Trajectory
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def _cli(argv: list[str]) -> int:
     """``bao-fast eval ARGV`` through the module's own parser (the dispatcher is tested in tests/test_cli.py)."""
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    return evaluate.run(parser.parse_args(argv))
+    return evaluate.run(_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_eval_cli_on_tiny_model_with_hf_engine(tiny_model: Path, tmp_path: Path) -> None:
+def test_eval_cli_on_tiny_model_with_hf_engine(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "eval"
     args = [
         "--checkpoint",
@@ -58,6 +66,7 @@ def test_eval_cli_on_tiny_model_with_hf_engine(tiny_model: Path, tmp_path: Path)
         "eval.max_k=4",
     ]
     assert _cli(args) == 0
+    assert "warning: greedy decoding with 2 seeds" in capsys.readouterr().err
     episodes = _read_jsonl(out / "episodes.jsonl")
     summary = json.loads((out / "summary.json").read_text())
     assert len(episodes) == 6 and summary["num_episodes"] == 6
@@ -190,5 +199,111 @@ def test_endpoint_cli_writes_summary(stub_server: _StubChatServer, tmp_path: Pat
 
 
 def test_endpoint_requires_model_name(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--model"):
+    with pytest.raises(UsageError, match="--model"):
         _cli(["--endpoint", "http://127.0.0.1:9", "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------- endpoint episodes that end early
+
+OVERFLOW = "HTTP 400: This model's maximum context length is 8192 tokens. However, you requested 9000 tokens"
+
+
+class _ScriptedClient(UserSimulatorClient):
+    """The agent: replies ``replies[turn]``; a request with more than ``fits`` messages raises ``error``."""
+
+    def __init__(self, replies: list[str], fits: int = 100, error: UserSimulatorError | None = None) -> None:
+        super().__init__("http://127.0.0.1:9", "agent", max_concurrency=2)
+        self.replies, self.fits, self.error = replies, fits, error
+
+    def complete(self, messages: Any, **kwargs: Any) -> ChatCompletion:
+        if len(messages) > self.fits:
+            assert self.error is not None
+            raise self.error
+        return ChatCompletion(self.replies[sum(m["role"] == "assistant" for m in messages)], None, "stop")
+
+
+class _BuggyGym(FunctionGym):
+    """A Function gym with a bug that the answer ``boom`` triggers (or a user simulator that is down)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(max_turns=4)
+        self.error = error
+
+    def _act(self, call: ToolCall) -> Outcome:
+        if call.content == "boom":
+            raise self.error
+        return super()._act(call)
+
+
+TASKS = [FunctionTask("sum", "a+b+c+d", (1, 2, 3, 4), 10.0), FunctionTask("prod", "a*b*c*d", (1, 2, 3, 4), 24.0)]
+ENDPOINT_CFG = ["model.path=stub", "env.max_turns=4", "rollout.max_turn_tokens=64"]
+
+
+def test_endpoint_context_overflow_ends_only_that_episode(tmp_path: Path) -> None:
+    cfg = load_config(None, ENDPOINT_CFG)
+    client = _ScriptedClient(["[action] 1 1 1 1", "[answer] 3"], fits=4, error=UserSimulatorError(OVERFLOW, 400))
+    trajs = evaluate_endpoint(client, cfg, TASKS)  # the third request (6 messages) overflows
+    for traj in trajs:
+        assert traj.end_reason == "context_limit" and traj.turn_choices == ["action", "answer"]
+        assert traj.turn_rewards == [0.0, 0.0] and [m["role"] for m in traj.messages[-2:]] == ["assistant", "user"]
+    assert write_eval(trajs, tmp_path, {"label": "x"}, max_k=2)["end_reasons"] == {"context_limit": 2}
+    opening = _ScriptedClient(["[answer] 3"], fits=1, error=UserSimulatorError(OVERFLOW, 400))
+    with pytest.raises(ValueError, match=r"task sum: the opening prompt plus rollout\.max_turn_tokens=64"):
+        evaluate_endpoint(opening, cfg, TASKS)
+
+
+def test_endpoint_server_failure_still_raises() -> None:
+    down = UserSimulatorError("http://127.0.0.1:9/v1/chat/completions failed: ConnectError", None)
+    client = _ScriptedClient(["[action] 1 1 1 1", "[answer] 3"], fits=2, error=down)
+    with pytest.raises(UserSimulatorError, match="ConnectError"):
+        evaluate_endpoint(client, load_config(None, ENDPOINT_CFG), TASKS)
+
+
+def test_endpoint_gym_error_ends_only_that_episode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(evaluate, "gym_factory", lambda cfg: lambda: _BuggyGym(ZeroDivisionError("bug")))
+    cfg = load_config(None, ENDPOINT_CFG)
+    trajs = evaluate_endpoint(_ScriptedClient(["[action] 1 1 1 1", "[answer] boom"]), cfg, TASKS)
+    for traj in trajs:
+        assert traj.end_reason == "gym_error" and traj.turn_choices == ["action", "invalid"]
+        assert traj.turn_rewards == [0.0, 0.0] and traj.turn_is_answer == [False, False] and not traj.success
+        assert traj.messages[-1] == {"role": "assistant", "content": "[answer] boom"}  # no feedback to it
+    assert write_eval(trajs, tmp_path, {"label": "x"}, max_k=2)["end_reasons"] == {"gym_error": 2}
+    # a user simulator that is down concerns every episode: the evaluation stops
+    monkeypatch.setattr(evaluate, "gym_factory", lambda cfg: lambda: _BuggyGym(UserSimulatorError("down", 503)))
+    with pytest.raises(UserSimulatorError, match="down"):
+        evaluate_endpoint(_ScriptedClient(["[answer] boom"]), cfg, TASKS)
+
+
+def test_end_reasons_count_episodes_without_one(tmp_path: Path) -> None:
+    trajs = [
+        Trajectory("a", 0, 0, turn_choices=["answer"], turn_rewards=[1.0], success=True, end_reason="correct"),
+        Trajectory("b", 1, 0, turn_choices=["action"], turn_rewards=[0.0], end_reason=None),
+        Trajectory("c", 2, 0, turn_choices=["action"], turn_rewards=[0.0], end_reason=None),
+    ]
+    summary = write_eval(trajs, tmp_path, {"label": "x"}, max_k=1)
+    assert summary["end_reasons"] == {"None": 2, "correct": 1}
+
+
+# ------------------------------------------------------------------------------- decoding and labels
+
+
+def test_temperature_without_sample_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--temperature needs --sample"):
+        _cli(["--endpoint", "http://127.0.0.1:9", "--model", "m", "--temperature", "0.7", "--out", str(tmp_path)])
+
+
+def test_greedy_decoding_with_several_seeds_warns() -> None:
+    def warning(*overrides: str) -> str | None:
+        return repeated_seeds_warning(load_config(None, ["model.path=stub", *overrides]))
+
+    assert "3 seeds" in warning("eval.num_seeds=3") and "--sample" in warning("eval.num_seeds=3")
+    assert warning("eval.num_seeds=3", "eval.greedy=false") is None and warning("eval.num_seeds=1") is None
+
+
+def test_default_label_tells_runs_apart(tmp_path: Path) -> None:
+    labels = [
+        evaluate.default_label(_args(["--checkpoint", str(tmp_path / "runs" / run / "final-model")]))
+        for run in ("bao", "grpo")
+    ]
+    assert labels == ["bao/final-model", "grpo/final-model"]
+    assert evaluate.default_label(_args(["--endpoint", "http://x", "--model", "Qwen/Qwen3-8B"])) == "Qwen/Qwen3-8B"

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import pytest
 
-from bao_fast.eval.metrics import CHOICES, MAX_K, EpisodeRecord, normal_interval, summarize, wilson_interval
+from bao_fast.envs import FunctionGym, FunctionTask, Gym, format_tool_call
+from bao_fast.envs.llm_gyms import IntentionGym, IntentionTask, TelepathyGym, TelepathyTask
+from bao_fast.envs.user_client import ChatCompletion, UserSimulatorClient
+from bao_fast.eval.metrics import CHOICES, MAX_K, EpisodeRecord, mean_interval, summarize, wilson_interval
 from bao_fast.eval.pareto import point_from_summary
 
 
@@ -34,18 +40,8 @@ def _reference(episodes: list[EpisodeRecord]) -> dict:
         "turns": sum(len(e.choices) for e in episodes) / n,
     }
     passes = {}
-    for k in range(1, MAX_K + 1):
-        solved = 0
-        for e in episodes:
-            if not e.success:
-                continue
-            used = 0
-            for c, r in zip(e.choices, e.rewards, strict=True):
-                used += c == "answer"
-                if c == "answer" and r > 0:
-                    break
-            solved += used <= k
-        passes[k] = solved / n
+    for k in range(1, MAX_K + 1):  # a solved episode used every answer it submitted
+        passes[k] = sum(e.success and e.choices.count("answer") <= k for e in episodes) / n
     out["pass_at_u"] = passes
     return out
 
@@ -85,17 +81,88 @@ def test_hand_example() -> None:
     assert long["pass_at_u"][12] == 0.5 and list(summarize(episodes, max_k=2)["pass_at_u"]) == [1, 2]
 
 
+def test_pass_at_u_counts_every_submission_of_a_solved_episode() -> None:
+    # Intention pays each coverage gain: the first answers have positive rewards, but only the third solves
+    partial = EpisodeRecord(("answer", "answer", "answer"), (1 / 3, 1 / 3, 1 / 3), True)
+    assert partial.answers_to_solve == 3
+    assert summarize([partial], max_k=3)["pass_at_u"] == {1: 0.0, 2: 0.0, 3: 1.0}
+    unsolved = EpisodeRecord(("answer", "answer"), (0.5, 0.0), False)
+    assert unsolved.answers_to_solve is None and summarize([unsolved], max_k=2)["pass_at_u"] == {1: 0.0, 2: 0.0}
+    # solved before any submission: no user effort, within every budget
+    silent = EpisodeRecord(("action", "search"), (0.0, 0.0), True)
+    assert silent.answers_to_solve == 0 and summarize([silent], max_k=2)["pass_at_u"] == {1: 1.0, 2: 1.0}
+
+
+class _ScriptedJudge(UserSimulatorClient):
+    """Answers every user-simulator / judge request with ``reply``; no server."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__("http://127.0.0.1:9", "judge")
+        self.reply = reply
+
+    def complete(self, messages: Sequence[Any], **kwargs: Any) -> ChatCompletion:
+        return ChatCompletion(self.reply, None, "stop")
+
+
+def _play(gym: Gym, task: Any, answers: Sequence[str]) -> EpisodeRecord:
+    gym.reset(task, 0)
+    steps = [gym.step(format_tool_call("answer", a)) for a in answers]
+    assert steps[-1].terminated and not any(s.terminated for s in steps[:-1])
+    return EpisodeRecord(tuple(s.info["choice"] for s in steps), tuple(s.reward for s in steps), gym.success)
+
+
+@pytest.mark.parametrize(
+    ("gym", "task", "answers"),
+    [
+        (FunctionGym(), FunctionTask("sum", "a+b+c+d", (1, 2, 3, 4), 10.0), ["3", "11", "10"]),
+        (TelepathyGym(_ScriptedJudge("INCORRECT")), TelepathyTask("t", "Paris", "city"), ["Rome", "Lyon", "Paris"]),
+        (
+            IntentionGym(_ScriptedJudge('{"covered": []}')),
+            IntentionTask("i", "book me a trip", ("budget: cheap", "city: Paris", "month: May")),
+            ["something cheap", "cheap in Paris", "cheap in Paris in May"],
+        ),
+    ],
+    ids=["function", "telepathy", "intention"],
+)
+def test_pass_at_u_on_gym_episodes(gym: Gym, task: Any, answers: list[str]) -> None:
+    """Every gym ends the episode on the solving answer: Pass@U-k needs all three submissions. On Function
+    and Telepathy only that answer pays, so the first positive reward would name the same submission."""
+    record = _play(gym, task, answers)
+    assert record.success and record.answers_to_solve == 3
+    assert summarize([record], max_k=3)["pass_at_u"] == {1: 0.0, 2: 0.0, 3: 1.0}
+    if not isinstance(gym, IntentionGym):
+        assert [r > 0 for r in record.rewards] == [False, False, True]
+
+
 def test_intervals_known_values() -> None:
     lo, hi = wilson_interval(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    values = [0.0, 1.0, 2.0, 5.0]
-    mean, sd = 2.0, math.sqrt(sum((v - 2.0) ** 2 for v in values) / 3)
-    assert normal_interval(values) == pytest.approx((mean - 1.959964 * sd / 2, mean + 1.959964 * sd / 2))
-    assert normal_interval([3.0]) == (3.0, 3.0)
     with pytest.raises(ValueError, match="n must be positive"):
         wilson_interval(0, 0)
+    # 0/1 values are a proportion: Wilson, with a width even when all are equal
+    assert mean_interval(np.zeros(10), seed=0) == wilson_interval(0, 10)
+    assert mean_interval(np.array([0.0, 1.0, 1.0]), seed=0) == wilson_interval(2, 3)
+    assert mean_interval(np.full(4, 15.0), seed=0) == (15.0, 15.0)  # no spread to resample
+
+
+def test_mean_intervals_stay_in_the_feasible_range() -> None:
+    # mostly-zero Score and UR: mean - 1.96 s/sqrt(n) was negative for both
+    episodes = [EpisodeRecord(("action",), (0.0,), False)] * 17 + [
+        EpisodeRecord(("action",), (1 / 3,), False),
+        EpisodeRecord(("answer", "action"), (0.0, 0.0), False),
+        EpisodeRecord(("answer", "action", "action", "action"), (0.0,) * 4, False),
+    ]
+    s = summarize(episodes)
+    for key in ("score", "ur", "turns"):
+        lo, hi = s[f"{key}_ci"]
+        assert 0.0 <= lo <= s[key] <= hi and lo < hi
+    assert s["ur_ci"][1] <= 0.5 and s["score_ci"][1] <= 1 / 3 and s["turns_ci"][0] >= 1.0
+    assert s == summarize(episodes)  # seeded: deterministic
+    zeros = summarize([EpisodeRecord(("action", "finish"), (0.0, 0.0), False)] * 20)
+    assert zeros["score_ci"] == zeros["ur_ci"] == pytest.approx(list(wilson_interval(0, 20)))
+    assert zeros["score_ci"][1] > 0.1 and zeros["turns_ci"] == [2.0, 2.0]
 
 
 def test_bootstrap_intervals_are_seeded_and_cover_the_mean() -> None:
@@ -131,7 +198,7 @@ def test_summary_is_json_and_readable_by_pareto() -> None:
     ("episodes", "kwargs", "error", "match"),
     [
         ([], {}, ValueError, "empty"),
-        ([EpisodeRecord(("answer",), (1.0,), True)], {"ci": "exact"}, ValueError, "ci"),
+        ([EpisodeRecord(("answer",), (1.0,), True)], {"ci": "normal"}, ValueError, "ci"),
         ([{"choices": ["answer"], "success": True}], {}, ValueError, "rewards"),
         ([42], {}, TypeError, "int"),
         ([EpisodeRecord(("answer",), (1.0,), True)], {"max_k": 0}, ValueError, "max_k"),

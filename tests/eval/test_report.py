@@ -41,6 +41,16 @@ def test_pareto_table_sorts_by_score_and_marks_the_front() -> None:
     assert "Pass@U-1 | Pass@U-3 |" in text and "Pass@U-5" not in text  # no curve reaches k = 5
 
 
+def test_pareto_legend_states_weak_dominance() -> None:
+    # equal Score, higher UR: dominated, although no run has both a higher Score and a lower UR
+    points = [ParetoPoint("a", 0.5, 0.2), ParetoPoint("b", 0.5, 0.3), ParetoPoint("a2", 0.5, 0.2)]
+    front = pareto_front(points)
+    assert [points[i].label for i in front] == ["a", "a2"]
+    text = pareto_markdown(points, front)
+    assert "no other run has Score ≥ and UR ≤ this run's with at least one strictly better" in text
+    assert "higher Score and lower UR" not in text
+
+
 def test_summary_markdown_of_hand_built_episodes() -> None:
     episodes = [
         {"choices": ["action", "answer"], "rewards": [0.0, 1.0], "success": True},
