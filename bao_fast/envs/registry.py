@@ -24,6 +24,7 @@ from bao_fast.envs.llm_gyms import IntentionGym, LLMGym, TelepathyGym, intention
 from bao_fast.envs.teachers.function_teacher import FunctionTeacher
 from bao_fast.envs.teachers.llm_teacher import LLMTeacher
 from bao_fast.envs.teachers.twenty_questions_teacher import TwentyQuestionsTeacher
+from bao_fast.envs.turtle import TurtleGym, turtle_tasks
 from bao_fast.envs.twenty_questions import TwentyQuestionsGym, twenty_questions_tasks
 
 SPLITS = ("train", "test", "all")
@@ -56,12 +57,14 @@ GYMS: dict[str, type[Gym]] = {
     "twenty_questions": TwentyQuestionsGym,
     "telepathy": TelepathyGym,
     "intention": IntentionGym,
+    "turtle": TurtleGym,
 }
 TASKS: dict[str, Callable[..., list]] = {
     "function": function_tasks,
     "twenty_questions": twenty_questions_tasks,
     "telepathy": telepathy_tasks,
     "intention": intention_tasks,
+    "turtle": turtle_tasks,
 }
 SCRIPTED_TEACHERS: dict[str, Callable[..., Any]] = {
     "function": FunctionTeacher,
@@ -72,6 +75,7 @@ TEACHERS: dict[str, Callable[..., Any]] = {
     **SCRIPTED_TEACHERS,
     "telepathy": partial(LLMTeacher.for_gym, TelepathyGym),
     "intention": partial(LLMTeacher.for_gym, IntentionGym),
+    "turtle": partial(LLMTeacher.for_gym, TurtleGym),
 }
 
 

@@ -19,6 +19,7 @@ import torch
 from bao_fast.envs.base import format_tool_call
 from bao_fast.envs.llm_gyms import MAX_REPLY_CHARS, IntentionGym, TelepathyGym, intention_tasks, telepathy_tasks
 from bao_fast.envs.teachers.llm_teacher import TEACHER_INSTRUCTIONS, LLMTeacher
+from bao_fast.envs.turtle import TurtleGym, turtle_tasks
 from bao_fast.envs.user_client import UserSimulatorClient
 from bao_fast.models import create_tiny_model
 
@@ -125,10 +126,24 @@ def test_intention_episodes(client):
         assert all(0.0 <= r <= 1.0 for r in rewards) and sum(rewards) == pytest.approx(gym.best_coverage)
 
 
-@pytest.mark.parametrize("gym_cls", [TelepathyGym, IntentionGym])
-def test_llm_teacher_episodes(client, gym_cls):
+def test_turtle_episodes(client):
+    for seed, task in enumerate(turtle_tasks("test", n=2)):
+        gym = TurtleGym(client, max_turns=4, **GYM_KW)
+        gym.reset(task, seed=seed)
+        for question in ("Did someone die?", "Is it a game?"):
+            line = _step(gym, "action", question).feedback.split("\n")[0]
+            assert line in ("Yes.", "No.", "Maybe.") or line.startswith("I am not sure")
+        result = _step(gym, "answer", "It was all a dream.")
+        judged = gym.exchanges[-1]
+        assert judged.role == "judge" and judged.prompt == "It was all a dream." and result.info["user_involved"]
+        assert result.reward == pytest.approx(gym.best_score) and 0.0 <= gym.best_score <= 1.0
+
+
+@pytest.mark.parametrize(("gym_cls", "tasks"), [(TelepathyGym, telepathy_tasks), (IntentionGym, intention_tasks),
+                                                (TurtleGym, turtle_tasks)])  # fmt: skip
+def test_llm_teacher_episodes(client, gym_cls, tasks):
     teacher = LLMTeacher.for_gym(gym_cls, client, gym_kwargs={"max_turns": 3, **GYM_KW}, max_tokens=24)
-    tasks = (telepathy_tasks if gym_cls is TelepathyGym else intention_tasks)("test", n=2)
+    tasks = tasks("test", n=2)
     for seed, task in enumerate(tasks):
         episode = teacher.play(task, seed=seed)
         messages = episode.messages
