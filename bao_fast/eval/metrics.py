@@ -83,7 +83,13 @@ class EpisodeRecord:
             missing = [k for k in ("choices", "rewards", "success") if k not in episode]
             if missing:
                 raise ValueError(f"episode mapping is missing keys {missing}")
-            return cls(tuple(episode["choices"]), tuple(map(float, episode["rewards"])), bool(episode["success"]))
+            choices, rewards, success = episode["choices"], episode["rewards"], episode["success"]
+            if not isinstance(choices, list | tuple) or not isinstance(rewards, list | tuple):
+                raise ValueError(f"episode mapping: 'choices' and 'rewards' must be lists, got {choices!r}, "
+                                 f"{rewards!r}")
+            if not isinstance(success, bool) and success not in (0, 1):
+                raise ValueError(f"episode mapping: 'success' must be a bool, got {success!r}")
+            return cls(tuple(choices), tuple(map(float, rewards)), bool(success))
         raise TypeError(f"episodes: cannot read an episode from {type(episode).__name__}")
 
 

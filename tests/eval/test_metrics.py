@@ -200,6 +200,8 @@ def test_summary_is_json_and_readable_by_pareto() -> None:
         ([], {}, ValueError, "empty"),
         ([EpisodeRecord(("answer",), (1.0,), True)], {"ci": "normal"}, ValueError, "ci"),
         ([{"choices": ["answer"], "success": True}], {}, ValueError, "rewards"),
+        ([{"choices": ["answer"], "rewards": [1.0], "success": "false"}], {}, ValueError, "'success' must be a bool"),
+        ([{"choices": "answer", "rewards": [1.0], "success": True}], {}, ValueError, "must be lists"),
         ([42], {}, TypeError, "int"),
         ([EpisodeRecord(("answer",), (1.0,), True)], {"max_k": 0}, ValueError, "max_k"),
     ],
