@@ -295,7 +295,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like 'section.key=value'")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -423,7 +427,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded
@@ -433,6 +440,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config (for YAML dumps and run metadata)."""
     return dataclasses.asdict(cfg)
+
+
+RESUME_SAFE_KEYS = (
+    "run_dir", "train.steps", "train.eval_every", "train.entropy_every", "checkpoint.", "logging.", "eval.",
+    "rollout.env_workers", "rollout.gpu_memory_utilization", "rollout.cpu_kv_cache_gib", "rollout.enforce_eager",
+    "rollout.sleep_level", "rollout.weight_sync_bucket_mb", "sft.teacher_workers",
+)  # fmt: skip
+"""Dotted keys (or prefixes ending in ``.``) a resumed run may change: length, logging, evaluation, checkpoint
+cadence and resources. Any other key defines what the run trains."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every key outside :data:`RESUME_SAFE_KEYS` on which ``cfg``
+    differs from ``saved`` (a run's ``config.yaml`` as loaded by YAML)."""
+    old, new = _flatten(saved), _flatten(json_safe(config_to_dict(cfg)))
+    keys = sorted(set(old) | set(new))
+    return [(k, old.get(k), new.get(k)) for k in keys
+            if old.get(k) != new.get(k) and not any(k == s or (s.endswith(".") and k.startswith(s))
+                                                    for s in RESUME_SAFE_KEYS)]  # fmt: skip
+
+
+def json_safe(tree: Any) -> Any:
+    """``tree`` as YAML round-trips it (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(tree, sort_keys=False))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -160,7 +160,7 @@ def summarize(episodes: Iterable[Any], ci: str = "auto", seed: int = 0, max_k: i
         "ur": float(ur.mean()),
         "ur_ci": interval(ur, 102),
         "turns": float(turns.mean()),
-        "turns_ci": interval(turns, 103),
+        "turns_ci": list(_bootstrap(turns, seed + 103)),  # counts, not proportions: never Wilson
         "answers": float(np.mean([r.num_answers for r in records])),
         "choice_counts": {c: int(counts.get(c, 0)) for c in CHOICES},
         "choice_fractions": {c: counts.get(c, 0) / total_turns if total_turns else 0.0 for c in CHOICES},

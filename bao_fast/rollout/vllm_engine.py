@@ -38,8 +38,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig
 
-from bao_fast.config import RolloutConfig
+from bao_fast.config import ConfigError, RolloutConfig
 from bao_fast.rollout.engine import Generation, GenerationParams, validate_prompts
 from bao_fast.rollout.weight_sync import iter_full_weights
 
@@ -64,6 +65,20 @@ def quiet_rotary_reload_warning() -> None:
     logger = logging.getLogger(_RELOAD_LOGGER)
     if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
         logger.addFilter(RotaryReloadFilter())
+
+
+def check_context_length(model_path: str | Path, max_model_len: int) -> None:
+    """ConfigError naming ``rollout.max_model_len`` when it exceeds the checkpoint's context (its
+    ``max_position_embeddings``, unless RoPE scaling extends it); vLLM would refuse it deep in its setup."""
+    config = AutoConfig.from_pretrained(model_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
+    if positions is not None and not scaled and max_model_len > positions:
+        raise ConfigError(
+            f"config key 'rollout.max_model_len' ({max_model_len}) exceeds the context of {str(model_path)!r} "
+            f"({positions} positions): lower it (and rollout.max_turn_tokens) or pass a config that does"
+        )
 
 
 class VLLMEngine:
@@ -101,6 +116,7 @@ class VLLMEngine:
             raise ValueError(f"model_path {str(model_path)!r} is not a checkpoint directory")
         if cfg.sleep_level not in (1, 2):
             raise ValueError(f"rollout.sleep_level must be 1 or 2, got {cfg.sleep_level}")
+        check_context_length(model_path, cfg.max_model_len)
         on_gpu = torch.cuda.is_available()
         dtype = dtype or ("bfloat16" if on_gpu else "float32")
         if dtype not in _DTYPES:

@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distribut
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
+    CHECKPOINT_DIR,
+    FINAL_MODEL_DIR,
     TaskSampler,
     config_tasks,
     derive_seed,
@@ -65,8 +68,6 @@ from bao_fast.train.runtime import (
 )
 from bao_fast.train.sft import train_sft
 
-FINAL_MODEL_DIR = "final-model"
-CHECKPOINT_DIR = "checkpoints"
 EVALS_FILE = "evals.json"
 
 
@@ -513,6 +514,8 @@ def train_rl(
     checkpoint = resume_checkpoint(run_dir / CHECKPOINT_DIR, cfg.checkpoint.resume)
     if checkpoint is not None:
         _restore(s, state, checkpoint)
+        if env.is_main:
+            print(f"resuming RL after step {state.step} from {checkpoint}", file=sys.stderr, flush=True)
     logger = MetricsLogger(run_dir, cfg.logging, name="train", total=cfg.train.steps, enabled=env.is_main,
                            run_config=config_to_dict(cfg),
                            resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records
@@ -550,7 +553,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]
     """The whole pipeline of one config: initial model -> SFT (when enabled) -> BAO RL. With
     ``checkpoint.resume=false`` the RL stage's outputs go first (SFT clears its own): a run killed during
     SFT must not later resume RL from an older run's checkpoints."""
-    env = start_run(cfg)
+    env = start_run(cfg, "train")
     run_dir = Path(cfg.run_dir)
     if not cfg.checkpoint.resume:
         remove_outputs([run_dir / CHECKPOINT_DIR, run_dir / FINAL_MODEL_DIR, run_dir / EVALS_FILE])

@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
-from bao_fast.config import Config, ConfigError, ModelConfig, save_config
-from bao_fast.envs import make_tasks
+from bao_fast.config import Config, ConfigError, ModelConfig, resume_conflicts, save_config
+from bao_fast.envs import TASKS, make_tasks
 from bao_fast.models import TinyModelSpec, create_tiny_model
 from bao_fast.train.fsdp import DistEnv, init_distributed
 
@@ -76,13 +77,24 @@ class TaskSampler:
 
 def config_tasks(cfg: Config, split: str, n: int, key: str) -> list[Any]:
     """``n`` tasks of the config's gym (``env.name``, ``env.level``, ``env.seed``, ``env.tasks_path``) from
-    ``split``; a task source that cannot supply them raises ConfigError naming ``key`` (the count's key)."""
+    ``split``. ConfigError naming the key at fault: ``env.name`` for an unregistered gym, ``env.tasks_path``
+    for a dataset that cannot be read, ``key`` (the count's key) when the gym cannot supply ``n`` tasks."""
     e = cfg.env
+    if e.name not in TASKS:
+        raise ConfigError(f"config key 'env.name': no gym {e.name!r} is registered; registered: {sorted(TASKS)}")
+    if e.tasks_path:
+        try:
+            tasks = make_tasks(e.name, split=split, level=e.level, seed=e.seed, path=e.tasks_path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"config key 'env.tasks_path': cannot read {e.name!r} tasks from "
+                              f"{e.tasks_path!r}: {type(exc).__name__}: {exc}") from exc
+        if len(tasks) < n:
+            raise ConfigError(f"config key '{key}': {n} {split} tasks requested, {e.tasks_path!r} holds {len(tasks)}")
+        return tasks[:n]
     try:
-        return make_tasks(e.name, split=split, n=n, level=e.level, seed=e.seed, path=e.tasks_path or None)
+        return make_tasks(e.name, split=split, n=n, level=e.level, seed=e.seed)
     except ValueError as exc:
-        source = f"env.tasks_path={e.tasks_path!r}" if e.tasks_path else "its built-in tasks"
-        raise ConfigError(f"config key '{key}' ({n} {split} tasks of the {e.name!r} gym from {source}): {exc}") from exc
+        raise ConfigError(f"config key '{key}' ({n} {split} tasks of the {e.name!r} gym): {exc}") from exc
 
 
 def tiny_spec(model: ModelConfig) -> TinyModelSpec:
@@ -97,23 +109,70 @@ def tiny_spec(model: ModelConfig) -> TinyModelSpec:
     )
 
 
-def start_run(cfg: Config) -> DistEnv:
-    """Join the process group, then (rank 0) create ``run_dir`` and write the run's ``config.yaml``."""
+SFT_MODEL_DIR = "sft-model"
+SFT_CHECKPOINT_DIR = "sft-checkpoints"
+FINAL_MODEL_DIR = "final-model"
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+RESUMABLE_OUTPUTS = (SFT_CHECKPOINT_DIR, SFT_MODEL_DIR, CHECKPOINT_DIR, FINAL_MODEL_DIR)
+"""What a rerun with ``checkpoint.resume`` continues from (or reuses) in ``run_dir``."""
+
+
+def start_run(cfg: Config, stage: str) -> DistEnv:
+    """Join the process group, check what only the run can check (:func:`preflight`), then (rank 0) create
+    ``run_dir`` and write the run's ``config.yaml``. ``stage``: ``sft`` or ``train`` (SFT, then RL)."""
     env = init_distributed()
+    problem = preflight(cfg, env.world_size, stage) if env.is_main else None
+    if env.world_size > 1:
+        problem = gather_objects(problem)[0]
+    if problem is not None:
+        raise ConfigError(problem)
     if env.is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        save_config(cfg, Path(cfg.run_dir) / CONFIG_FILE)
     return env
+
+
+def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
+    """Why ``cfg`` cannot run (as a ConfigError message), or None; checked before anything is written: the
+    starting checkpoint, the gym's tasks, the world size, and that a resumed ``run_dir`` holds a run of the
+    same config (up to ``RESUME_SAFE_KEYS``)."""
+    try:
+        if not cfg.model.tiny:
+            model_path(cfg)
+        config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
+        if stage == "train":
+            if cfg.train.mini_batch_size % world_size:
+                raise ConfigError(f"config key 'train.mini_batch_size' ({cfg.train.mini_batch_size} prompts) must "
+                                  f"divide by the world size ({world_size})")
+            config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
+    except ConfigError as exc:
+        return str(exc)
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / CONFIG_FILE
+    if not cfg.checkpoint.resume or not saved.is_file() or not any((run_dir / o).exists() for o in RESUMABLE_OUTPUTS):
+        return None
+    conflicts = resume_conflicts(yaml.safe_load(saved.read_text()) or {}, cfg)
+    if not conflicts:
+        return None
+    changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in conflicts[:5])
+    return (f"config key '{conflicts[0][0]}': run_dir {str(run_dir)!r} holds a run with another config ({changes}); "
+            "rerun with its config to resume it, or start over with checkpoint.resume=false or a new run_dir")
+
+
+def model_path(cfg: Config) -> Path:
+    """``model.path`` as a HF checkpoint directory; ConfigError naming the key when it is not one."""
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"config key 'model.path': {str(path)!r} is not a HF checkpoint directory (no config.json)")
+    return path
 
 
 def initial_model(cfg: Config, env: DistEnv) -> Path:
     """The HF checkpoint training starts from: ``model.path``, or (``model.tiny``) a random tiny Qwen2
     created once by rank 0 under ``model.path`` or ``<run_dir>/init-model``."""
     if not cfg.model.tiny:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model.path {str(path)!r} is not a HF checkpoint directory (no config.json)")
-        return path
+        return model_path(cfg)
     path = Path(cfg.model.path or Path(cfg.run_dir) / "init-model")
     if env.is_main:
         create_tiny_model(path, spec=tiny_spec(cfg.model), seed=cfg.seed)

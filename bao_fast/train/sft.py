@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distribut
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
+    SFT_CHECKPOINT_DIR,
+    SFT_MODEL_DIR,
     derive_seed,
     initial_model,
     lockstep,
@@ -50,9 +53,6 @@ from bao_fast.train.runtime import (
     sum_over_ranks,
 )
 from bao_fast.train.sft_data import SFT_DATA_FILE, Segments, data_digest, sft_episodes, to_segments
-
-SFT_MODEL_DIR = "sft-model"
-SFT_CHECKPOINT_DIR = "sft-checkpoints"
 
 
 def _nll_sums(policy: Policy, batch: PackedBatch, weight: float) -> tuple[torch.Tensor, float]:
@@ -213,6 +213,8 @@ def train_sft(
     checkpoint = resume_checkpoint(root, cfg.checkpoint.resume)
     if checkpoint is not None:
         _restore(s, state, checkpoint)
+        if env.is_main:
+            print(f"resuming SFT after step {state.step} from {checkpoint}", file=sys.stderr, flush=True)
     logger = MetricsLogger(run_dir, cfg.logging, name="sft", total=s.total_steps, enabled=env.is_main,
                            run_config=config_to_dict(cfg),
                            resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records
@@ -223,9 +225,10 @@ def train_sft(
             metrics = sft_step(s, state, next_batch(s, state))
             logger.log(state.step, metrics, status=_status(metrics, state))
             if state.position == len(s.train):
-                loss = eval_loss(s.policy, s.held_out, env, cfg.sft.micro_batch_tokens)
-                state.evals.append({"epoch": state.epoch, "eval_loss": loss})
-                logger.log(state.step, state.evals[-1], status=_status(metrics, state))
+                if s.held_out:  # sft.eval_fraction of a small set can hold out nothing
+                    loss = eval_loss(s.policy, s.held_out, env, cfg.sft.micro_batch_tokens)
+                    state.evals.append({"epoch": state.epoch, "eval_loss": loss})
+                    logger.log(state.step, state.evals[-1], status=_status(metrics, state))
                 state.epoch, state.position = state.epoch + 1, 0
             save_every = cfg.checkpoint.save_every
             if state.epoch < cfg.sft.epochs and save_every and state.step % save_every == 0:
@@ -242,7 +245,7 @@ def train_sft(
 
 def run_sft(cfg: Config, *, stop_after: int | None = None) -> Path | None:
     """The ``bao-fast sft`` pipeline of one config: the initial model, then :func:`train_sft`."""
-    env = start_run(cfg)
+    env = start_run(cfg, "sft")
     init_path = initial_model(cfg, env)
     return train_sft(cfg, env, init_path, load_tokenizer(init_path), stop_after=stop_after)
 

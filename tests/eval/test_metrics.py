@@ -163,6 +163,8 @@ def test_mean_intervals_stay_in_the_feasible_range() -> None:
     zeros = summarize([EpisodeRecord(("action", "finish"), (0.0, 0.0), False)] * 20)
     assert zeros["score_ci"] == zeros["ur_ci"] == pytest.approx(list(wilson_interval(0, 20)))
     assert zeros["score_ci"][1] > 0.1 and zeros["turns_ci"] == [2.0, 2.0]
+    ones = summarize([EpisodeRecord(("answer",), (1.0,), True)] * 8)  # one-turn episodes: turns are counts
+    assert ones["turns_ci"] == [1.0, 1.0] and ones["score_ci"] == pytest.approx(list(wilson_interval(8, 8)))
 
 
 def test_bootstrap_intervals_are_seeded_and_cover_the_mean() -> None:

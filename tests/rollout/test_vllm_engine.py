@@ -192,3 +192,21 @@ def test_agent_loop_on_vllm_matches_transformers(engine, tiny_model_dir, tokeniz
     assert all(t.num_turns >= 2 for t in runs[0])
     for a, b in zip(*runs):
         torch.testing.assert_close(torch.tensor(a.engine_logprobs), torch.tensor(b.engine_logprobs), atol=1e-3, rtol=0)
+
+
+def test_context_longer_than_the_checkpoint_is_a_config_error(tiny_model_dir, tmp_path):
+    """Checked before vLLM starts: the tiny checkpoint has 4096 positions (rollout.max_model_len defaults to 8152)."""
+    import json
+
+    from bao_fast.config import ConfigError
+    from bao_fast.rollout.vllm_engine import VLLMEngine, check_context_length
+
+    with pytest.raises(ConfigError, match=r"'rollout\.max_model_len' \(8152\) exceeds the context of .*4096 positions"):
+        VLLMEngine.from_config(tiny_model_dir, RolloutConfig())
+    check_context_length(tiny_model_dir, 4096)
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config["rope_scaling"] = config["rope_parameters"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}
+    (scaled / "config.json").write_text(json.dumps(config))
+    check_context_length(scaled, 8152)  # RoPE scaling extends the context: left to vLLM

@@ -1,12 +1,13 @@
-"""The tiny initial model follows the ``model.tiny_*`` config keys; the config's tasks, or an error naming the key."""
+"""The tiny initial model follows the ``model.tiny_*`` config keys; the config's tasks, or an error naming the key;
+the checks a run makes before it writes anything."""
 
 from __future__ import annotations
 
 import pytest
 
-from bao_fast.config import ConfigError, load_config
+from bao_fast.config import ConfigError, load_config, save_config
 from bao_fast.envs import make_tasks
-from bao_fast.train.runtime import config_tasks, tiny_spec
+from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, tiny_spec
 
 
 def test_tiny_spec_follows_config() -> None:
@@ -20,10 +21,40 @@ def test_tiny_spec_follows_config() -> None:
     assert (default.hidden_size, default.num_hidden_layers, default.num_attention_heads) == (128, 2, 2)
 
 
-def test_config_tasks_names_the_count_key_the_gym_cannot_supply() -> None:
+def test_config_tasks_names_the_key_at_fault(tmp_path) -> None:
     cfg = load_config(None, ["model.tiny=true", "env.name=telepathy", "env.num_train_tasks=460"])
-    with pytest.raises(ConfigError, match=r"'env\.num_train_tasks' \(460 train tasks of the 'telepathy' gym from its "
-                                          r"built-in tasks\): n must be an int in 0\.\.24"):
+    with pytest.raises(ConfigError, match=r"'env\.num_train_tasks' \(460 train tasks of the 'telepathy' gym\): "
+                                          r"n must be an int in 0\.\.24"):
         config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
     tasks = config_tasks(cfg, "test", 8, "env.num_eval_tasks")
     assert len(tasks) == 8 and tasks == make_tasks("telepathy", split="test", n=8, seed=cfg.env.seed)
+    with pytest.raises(ConfigError, match=r"'env\.name': no gym 'guess' is registered"):
+        config_tasks(load_config(None, ["model.tiny=true", "env.name=guess"]), "train", 4, "env.num_train_tasks")
+    path = tmp_path / "tasks.json"
+    path.write_text('[{"id": "a", "entity": "owl", "category": "animal"}, {"id": "b"')
+    bad = load_config(None, ["model.tiny=true", "env.name=telepathy", f"env.tasks_path={path}"])
+    with pytest.raises(ConfigError, match=r"'env\.tasks_path': cannot read 'telepathy' tasks .*JSONDecodeError"):
+        config_tasks(bad, "train", 1, "env.num_train_tasks")
+    path.write_text('[{"id": "a", "entity": "owl", "category": "animal"}]')
+    assert [t.entity for t in config_tasks(bad, "train", 1, "env.num_train_tasks")] == ["owl"]
+    with pytest.raises(ConfigError, match=r"'env\.num_eval_tasks': 2 test tasks requested, .* holds 1"):
+        config_tasks(bad, "test", 2, "env.num_eval_tasks")
+
+
+def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_path) -> None:
+    base = ["model.tiny=true", f"run_dir={tmp_path}", "rollout.prompts_per_step=8", "train.mini_batch_size=4"]
+    cfg = load_config(None, base)
+    assert preflight(cfg, 1, "train") is None
+    assert "'train.mini_batch_size' (4 prompts) must divide by the world size (3)" in preflight(cfg, 3, "train")
+    assert preflight(cfg, 3, "sft") is None  # SFT has no prompt mini-batches
+    missing = load_config(None, [*base, "model.tiny=false", f"model.path={tmp_path}/none"])
+    assert "'model.path'" in preflight(missing, 1, "train")
+    save_config(cfg, tmp_path / CONFIG_FILE)
+    other = load_config(None, [*base, "algo.name=grpo", "train.steps=500", "logging.progress=false"])
+    assert preflight(other, 1, "train") is None  # nothing to resume yet
+    (tmp_path / "checkpoints").mkdir()
+    problem = preflight(other, 1, "train")
+    assert problem.startswith("config key 'algo.name': run_dir") and "algo.name: 'bao' -> 'grpo'" in problem
+    assert "train.steps" not in problem and "logging" not in problem  # a resumed run may change these
+    assert preflight(load_config(None, [*base, "train.steps=500"]), 1, "train") is None
+    assert preflight(load_config(None, [*base, "algo.name=grpo", "checkpoint.resume=false"]), 1, "train") is None
