@@ -92,9 +92,12 @@ def config_tasks(cfg: Config, split: str, n: int, key: str) -> list[Any]:
             raise ConfigError(f"config key '{key}': {n} {split} tasks requested, {e.tasks_path!r} holds {len(tasks)}")
         return tasks[:n]
     try:
-        return make_tasks(e.name, split=split, n=n, level=e.level, seed=e.seed)
+        tasks = make_tasks(e.name, split=split, n=n, level=e.level, seed=e.seed)
     except ValueError as exc:
         raise ConfigError(f"config key '{key}' ({n} {split} tasks of the {e.name!r} gym): {exc}") from exc
+    if len(tasks) < n:  # a registered task source that returns fewer than asked
+        raise ConfigError(f"config key '{key}': {n} {split} tasks requested, the {e.name!r} gym supplied {len(tasks)}")
+    return tasks
 
 
 def tiny_spec(model: ModelConfig) -> TinyModelSpec:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bao_fast.config import ConfigError, load_config, save_config
-from bao_fast.envs import make_tasks
+from bao_fast.envs import TASKS, make_tasks
 from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, tiny_spec
 
 
@@ -21,7 +21,7 @@ def test_tiny_spec_follows_config() -> None:
     assert (default.hidden_size, default.num_hidden_layers, default.num_attention_heads) == (128, 2, 2)
 
 
-def test_config_tasks_names_the_key_at_fault(tmp_path) -> None:
+def test_config_tasks_names_the_key_at_fault(tmp_path, monkeypatch) -> None:
     cfg = load_config(None, ["model.tiny=true", "env.name=telepathy", "env.num_train_tasks=460"])
     with pytest.raises(ConfigError, match=r"'env\.num_train_tasks' \(460 train tasks of the 'telepathy' gym\): "
                                           r"n must be an int in 0\.\.24"):
@@ -29,6 +29,9 @@ def test_config_tasks_names_the_key_at_fault(tmp_path) -> None:
     tasks = config_tasks(cfg, "test", 8, "env.num_eval_tasks")
     assert len(tasks) == 8 and tasks == make_tasks("telepathy", split="test", n=8, seed=cfg.env.seed)
     with pytest.raises(ConfigError, match=r"'env\.name': no gym 'guess' is registered"):
+        config_tasks(load_config(None, ["model.tiny=true", "env.name=guess"]), "train", 4, "env.num_train_tasks")
+    monkeypatch.setitem(TASKS, "guess", lambda split, n, level, seed, path: ["only one"])
+    with pytest.raises(ConfigError, match=r"'env\.num_train_tasks': 4 train tasks requested, the 'guess' gym supplied"):
         config_tasks(load_config(None, ["model.tiny=true", "env.name=guess"]), "train", 4, "env.num_train_tasks")
     path = tmp_path / "tasks.json"
     path.write_text('[{"id": "a", "entity": "owl", "category": "animal"}, {"id": "b"')
