@@ -166,6 +166,17 @@ class LLMGym(Gym):
             )
         return text
 
+    def _yes_no(self, system: str, question: str) -> Outcome:
+        """Ask the user ``question`` under ``system``; the reply reduced to ``Yes.``, ``No.`` or ``Maybe.`` (so
+        the user cannot leak what it hides), an unreadable one answered as unsure."""
+        reply = self._ask_user(system, question)
+        match = _YES_NO.search(reply)
+        parsed = match.group(1).capitalize() if match else None
+        self.exchanges.append(Exchange("user", question, reply, parsed))
+        answer = f"{parsed}." if parsed else "Maybe."
+        self._remember(question, answer)
+        return Outcome(answer if parsed else "I am not sure how to answer that. Maybe.")
+
     def _remember(self, question: str, answer: str) -> None:
         self._history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
@@ -286,13 +297,7 @@ class TelepathyGym(LLMGym):
     def _question(self, question: str) -> Outcome:
         assert self.task is not None
         system = TELEPATHY_USER_PROMPT.format(entity=self.task.entity, category=self.task.category)
-        reply = self._ask_user(system, question)
-        match = _YES_NO.search(reply)
-        parsed = match.group(1).capitalize() if match else None
-        self.exchanges.append(Exchange("user", question, reply, parsed))
-        answer = f"{parsed}." if parsed else "Maybe."
-        self._remember(question, answer)
-        return Outcome(answer if parsed else "I am not sure how to answer that. Maybe.")
+        return self._yes_no(system, question)
 
     def _guess(self, guess: str) -> Outcome:
         assert self.task is not None

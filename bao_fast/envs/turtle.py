@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bao_fast.envs.base import Outcome, ToolCall, build_system_prompt
-from bao_fast.envs.llm_gyms import _YES_NO, Exchange, LLMGym, _load_rows, _shuffle_take, _split
+from bao_fast.envs.llm_gyms import Exchange, LLMGym, _load_rows, _shuffle_take, _split
 from bao_fast.envs.user_client import UserSimulatorClient
 
 __all__ = ["TURTLE_JUDGE_PROMPT", "TURTLE_USER_PROMPT", "TurtleGym", "TurtleTask", "parse_scores", "turtle_tasks"]
@@ -216,13 +216,7 @@ class TurtleGym(LLMGym):
 
     def _question(self, question: str) -> Outcome:
         assert self.task is not None
-        reply = self._ask_user(TURTLE_USER_PROMPT.format(surface=self.task.surface, bottom=self.task.bottom), question)
-        match = _YES_NO.search(reply)
-        parsed = match.group(1).capitalize() if match else None
-        self.exchanges.append(Exchange("user", question, reply, parsed))
-        answer = f"{parsed}." if parsed else "Maybe."
-        self._remember(question, answer)
-        return Outcome(answer if parsed else "I am not sure how to answer that. Maybe.")
+        return self._yes_no(TURTLE_USER_PROMPT.format(surface=self.task.surface, bottom=self.task.bottom), question)
 
     def _score(self, explanation: str) -> Outcome:
         assert self.task is not None
