@@ -18,6 +18,7 @@ a reward computed without the judge would be silently wrong, so the episode must
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 import re
@@ -166,6 +167,22 @@ class LLMGym(Gym):
             )
         return text
 
+    def _act(self, call: ToolCall) -> Outcome:
+        """An ``action`` is a question to the user, an ``answer`` goes to the judge; empty content is invalid."""
+        if not call.content:
+            return Outcome(f"Invalid {call.choice}: `content` must not be empty.")
+        if call.choice == "action":
+            return self._question(call.content)
+        return self._answer(call.content)
+
+    @abc.abstractmethod
+    def _question(self, question: str) -> Outcome:
+        """The user's reply to a non-empty question."""
+
+    @abc.abstractmethod
+    def _answer(self, answer: str) -> Outcome:
+        """The judge's verdict on a non-empty answer."""
+
     def _yes_no(self, system: str, question: str) -> Outcome:
         """Ask the user ``question`` under ``system``; the reply reduced to ``Yes.``, ``No.`` or ``Maybe.`` (so
         the user cannot leak what it hides), an unreadable one answered as unsure."""
@@ -286,20 +303,12 @@ class TelepathyGym(LLMGym):
         opening = f"I am thinking of something in the category '{task.category}'. Ask me yes/no questions."
         return [{"role": "system", "content": system}, {"role": "user", "content": opening}]
 
-    def _act(self, call: ToolCall) -> Outcome:
-        assert self.task is not None
-        if not call.content:
-            return Outcome(f"Invalid {call.choice}: `content` must not be empty.")
-        if call.choice == "action":
-            return self._question(call.content)
-        return self._guess(call.content)
-
     def _question(self, question: str) -> Outcome:
         assert self.task is not None
         system = TELEPATHY_USER_PROMPT.format(entity=self.task.entity, category=self.task.category)
         return self._yes_no(system, question)
 
-    def _guess(self, guess: str) -> Outcome:
+    def _answer(self, guess: str) -> Outcome:
         assert self.task is not None
         names = {_normalise_name(n) for n in (self.task.entity, *self.task.aliases)}
         if _normalise_name(guess) in names:
@@ -447,20 +456,16 @@ class IntentionGym(LLMGym):
         system = build_system_prompt(_INTENTION_DESCRIPTION, _INTENTION_CHOICES, _INTENTION_NOTES, self.max_turns)
         return [{"role": "system", "content": system}, {"role": "user", "content": task.request}]
 
-    def _act(self, call: ToolCall) -> Outcome:
+    def _question(self, question: str) -> Outcome:
         assert self.task is not None
-        if not call.content:
-            return Outcome(f"Invalid {call.choice}: `content` must not be empty.")
-        if call.choice == "action":
-            system = INTENTION_USER_PROMPT.format(request=self.task.request, intentions=_numbered(self.task.intentions))
-            reply = self._ask_user(system, call.content)[:MAX_REPLY_CHARS].strip()
-            self.exchanges.append(Exchange("user", call.content, reply, reply or None))
-            reply = reply or "Sorry, I don't know."
-            self._remember(call.content, reply)
-            return Outcome(reply)
-        return self._score(call.content)
+        system = INTENTION_USER_PROMPT.format(request=self.task.request, intentions=_numbered(self.task.intentions))
+        reply = self._ask_user(system, question)[:MAX_REPLY_CHARS].strip()
+        self.exchanges.append(Exchange("user", question, reply, reply or None))
+        reply = reply or "Sorry, I don't know."
+        self._remember(question, reply)
+        return Outcome(reply)
 
-    def _score(self, summary: str) -> Outcome:
+    def _answer(self, summary: str) -> Outcome:
         assert self.task is not None
         details = self.task.intentions
         values = [s.split(":", 1)[-1].strip() for s in details]  # "budget: cheap" -> "cheap"

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bao_fast.envs.base import Outcome, ToolCall, build_system_prompt
+from bao_fast.envs.base import Outcome, build_system_prompt
 from bao_fast.envs.llm_gyms import Exchange, LLMGym, _load_rows, _shuffle_take, _split
 from bao_fast.envs.user_client import UserSimulatorClient
 
@@ -206,19 +206,11 @@ class TurtleGym(LLMGym):
         opening = f"Here is the story:\n{task.surface}\nWhat really happened? Ask me yes/no questions."
         return [{"role": "system", "content": system}, {"role": "user", "content": opening}]
 
-    def _act(self, call: ToolCall) -> Outcome:
-        assert self.task is not None
-        if not call.content:
-            return Outcome(f"Invalid {call.choice}: `content` must not be empty.")
-        if call.choice == "action":
-            return self._question(call.content)
-        return self._score(call.content)
-
     def _question(self, question: str) -> Outcome:
         assert self.task is not None
         return self._yes_no(TURTLE_USER_PROMPT.format(surface=self.task.surface, bottom=self.task.bottom), question)
 
-    def _score(self, explanation: str) -> Outcome:
+    def _answer(self, explanation: str) -> Outcome:
         assert self.task is not None
         points = self.task.points
         numbered = "\n".join(f"{i}. {statement}" for i, (statement, _) in enumerate(points, 1))
