@@ -41,7 +41,7 @@ from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError
 from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
 from bao_fast.rollout import GenerationEngine, GenerationParams, Trajectory, run_episodes
-from bao_fast.rollout.agent_loop import end_reason_of
+from bao_fast.rollout.agent_loop import end_reason_of, reset_gym
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -173,7 +173,7 @@ def _endpoint_episode(
     the gym raises, that turn recorded ``invalid`` with reward 0. A refused opening request raises
     ValueError (no turn fits: the settings are wrong, as for an opening prompt past ``max_model_len``); any
     other ``UserSimulatorError`` (agent server or user simulator unreachable) propagates."""
-    messages = gym.reset(task, seed)
+    messages = reset_gym(gym, task, seed, index)
     traj = Trajectory(str(getattr(task, "id", index)), index, seed, engine_logprobs=None, messages=list(messages))
     dec = decoding(cfg)
     for turn in range(cfg.env.max_turns):

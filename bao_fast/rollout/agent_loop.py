@@ -27,7 +27,8 @@ A generation that stops at ``max_tokens`` without a tool call is stepped like an
 raise all the same (a gym bug some output triggers), only that episode ends: the turn is recorded as
 ``invalid`` with reward 0, end reason ``gym_error``, and the error is logged with its traceback. A
 ``UserSimulatorError`` (the user simulator is unreachable for good) still stops the rollout: it concerns every
-episode, and training on its outcomes would teach the policy nothing about the task.
+episode, and training on its outcomes would teach the policy nothing about the task. Neither does a gym
+that cannot ``reset`` a task: the error propagates with a note naming the gym, the task and the seed.
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def _step(episode: _Episode, text: str) -> StepResult | Exception:
         logger.warning("gym %s raised on task %s; the episode ends (gym_error)", type(episode.gym).__name__,
                        episode.traj.task_id, exc_info=exc)
         return exc
+
+
+def reset_gym(gym: Gym, task: Any, seed: int | None, index: int) -> list[dict[str, str]]:
+    """``gym.reset(task, seed)``; an exception gets a note naming the gym and the task and propagates (a task
+    the gym cannot start is a data or gym bug that every episode of the task would hit)."""
+    try:
+        return gym.reset(task, seed)
+    except Exception as exc:
+        exc.add_note(f"raised by {type(gym).__name__}.reset on task {getattr(task, 'id', index)!r} (task index "
+                     f"{index}, seed {seed})")
+        raise
 
 
 def end_reason_of(result: StepResult) -> EndReason | None:
@@ -145,7 +157,7 @@ def run_episodes(
         seed = None if seeds is None else int(seeds[i])
         for _ in range(group_size):
             gym = gym_factory()
-            messages = gym.reset(task, seed)
+            messages = reset_gym(gym, task, seed, i)
             prompt = fmt.prompt_ids(messages)
             if len(prompt) > limit - 1:
                 raise ValueError(f"task {i}: opening prompt has {len(prompt)} tokens, max_model_len is {limit}")

@@ -258,3 +258,24 @@ def test_an_unreachable_user_simulator_stops_the_rollout(tokenizer):
     with pytest.raises(UserSimulatorError, match="gone"):
         run_episodes(engine, tokenizer, lambda: _RaisesOnSecondStep(UserSimulatorError("gone")), TASKS[:1],
                      params=GenerationParams(max_tokens=32), max_turns=4)
+
+
+class _CannotReset:
+    """A gym whose ``reset`` raises on one task."""
+
+    def __init__(self, bad_task):
+        self.inner, self.bad_task = make_gym("function", max_turns=5), bad_task
+
+    def reset(self, task, seed):
+        if task is self.bad_task:
+            raise KeyError("rule")
+        return self.inner.reset(task, seed)
+
+
+def test_a_gym_that_cannot_reset_a_task_names_the_task(tokenizer):
+    engine = ScriptedEngine(tokenizer, lambda _: "[finish]")
+    with pytest.raises(KeyError, match="rule") as info:
+        run_episodes(engine, tokenizer, lambda: _CannotReset(TASKS[1]), TASKS[:2], seeds=[7, 8],
+                     params=GenerationParams(max_tokens=32), max_turns=4)
+    assert info.value.__notes__ == [f"raised by _CannotReset.reset on task {TASKS[1].id!r} (task index 1, seed 8)"]
+    assert engine.calls == []  # nothing was generated
