@@ -53,15 +53,20 @@ def _slug(text: str) -> str:
 def plan(
     base_config: str | Path, grid: Sequence[tuple[str, Sequence[str]]], runs_dir: str | Path, common: Sequence[str] = ()
 ) -> list[SweepRun]:
-    """Every combination of the grid as a run. Each combination is validated with ``load_config`` up
-    front, so a typo fails before hours of training rather than after."""
+    """Every combination of the grid as a run in ``runs_dir/<label>``. Each combination is validated with
+    ``load_config`` up front, so a typo fails before hours of training rather than after; ``run_dir`` in the
+    grid or in ``common`` is a UsageError (it would silently lose to the per-run directory)."""
     if not grid:
         raise UsageError("grid: a sweep needs at least one KEY=V1,V2 axis (--grid)")
     base = Path(base_config)
     if not base.is_file():
         raise FileNotFoundError(f"base_config: {base} does not exist")
-    runs = []
     keys = [k for k, _ in grid]
+    for key in (*keys, *(o.partition("=")[0].strip() for o in common)):
+        if key == "run_dir":
+            raise UsageError(f"run_dir: each sweep run gets its own directory under {str(runs_dir)!r} (set by "
+                             "--out); do not set run_dir in --grid or --set")
+    runs = []
     for combo in itertools.product(*(values for _, values in grid)):
         pairs = [f"{k}={v}" for k, v in zip(keys, combo)]
         label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(keys, combo))
