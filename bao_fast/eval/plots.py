@@ -38,16 +38,29 @@ def _ci_err(value: float, ci: tuple[float, float] | None) -> list[float]:
     return [max(0.0, value - ci[0]), max(0.0, ci[1] - value)]
 
 
+def label_offsets(points: Sequence[ParetoPoint], line_pt: float = 10.0) -> list[tuple[float, float]]:
+    """Text offsets (points) of the labels: right of and above each marker, stacked one line apart for
+    points at the same (UR, Score) to 4 decimals (a sweep's untrained runs often coincide)."""
+    seen: dict[tuple[float, float], int] = {}
+    offsets = []
+    for p in points:
+        key = (round(p.ur, 4), round(p.score, 4))
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        offsets.append((6.0, 5.0 + k * line_pt))
+    return offsets
+
+
 def plot_pareto(points: Sequence[ParetoPoint], front: Sequence[int], stem: str | Path) -> list[Path]:
     """Scatter of Score (y, higher is better) against UR (x, lower is better) with 95% CI bars; the
     non-dominated points ``front`` (indices into ``points``) are filled and joined by the frontier's
-    staircase. Every point is labelled."""
+    staircase. Every point is labelled; labels of coinciding points are stacked."""
     if not points:
         raise ValueError("points: nothing to plot")
     on_front = set(front)
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
-    for i, p in enumerate(points):
+    for i, (p, offset) in enumerate(zip(points, label_offsets(points), strict=True)):
         filled = i in on_front
         ax.errorbar(
             p.ur,
@@ -61,7 +74,7 @@ def plot_pareto(points: Sequence[ParetoPoint], front: Sequence[int], stem: str |
             capsize=3,
             lw=1,
         )
-        ax.annotate(p.label, (p.ur, p.score), xytext=(6, 5), textcoords="offset points", fontsize=8)
+        ax.annotate(p.label, (p.ur, p.score), xytext=offset, textcoords="offset points", fontsize=8)
     if front:
         ordered = sorted((points[i] for i in front), key=lambda p: (p.ur, -p.score))
         xs = [ordered[0].ur]

@@ -163,9 +163,9 @@ def test_sweep_plan_is_the_grid_product_with_validated_configs(tmp_path: Path) -
     )
     with pytest.raises(ValueError, match=r"unknown config key 'algo\.shaping\.nope'"):
         sweep.plan(base, sweep.parse_grid(["algo.shaping.nope=1,2"]), tmp_path / "runs")
-    for grid, common in ((sweep.parse_grid(["run_dir=a,b"]), []), (grid, ["run_dir=mine"])):
+    for bad_grid, common in ((sweep.parse_grid(["run_dir=a,b"]), []), (grid, ["run_dir=mine"])):
         with pytest.raises(ValueError, match="run_dir: each sweep run gets its own directory"):
-            sweep.plan(base, grid, tmp_path / "runs", common)
+            sweep.plan(base, bad_grid, tmp_path / "runs", common)
     for bad in (["novalue"], ["a.b="], ["a=1", "a=2"]):
         with pytest.raises(ValueError, match="grid"):
             sweep.parse_grid(bad)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from bao_fast.eval.pareto import ParetoPoint, pareto_front
-from bao_fast.eval.plots import plot_pareto, plot_pass_at_u
+from bao_fast.eval.plots import label_offsets, plot_pareto, plot_pass_at_u
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,6 +32,16 @@ def test_pareto_plot_writes_png_and_svg_with_labels(tmp_path: Path) -> None:
     for p in points:
         assert p.label in svg
     assert "Pareto frontier" in svg
+
+
+def test_labels_of_coinciding_points_are_stacked(tmp_path: Path) -> None:
+    points = [ParetoPoint("run-a", 0.0, 0.0), ParetoPoint("run-b", 0.5, 0.2), ParetoPoint("run-c", 0.0, 0.00001),
+              ParetoPoint("run-d", 0.0, 0.0)]
+    assert label_offsets(points) == [(6.0, 5.0), (6.0, 5.0), (6.0, 15.0), (6.0, 25.0)]
+    svg = plot_pareto(points, pareto_front(points), tmp_path / "p")[1].read_text()
+    y = {label: float(v) for v, label in re.findall(r'<text[^>]* y="([-\d.]+)"[^>]*>(run-\w)</text>', svg)}
+    assert set(y) == {"run-a", "run-b", "run-c", "run-d"}
+    assert y["run-a"] - y["run-c"] == pytest.approx(y["run-c"] - y["run-d"]) and y["run-c"] < y["run-a"]
 
 
 def test_pass_at_u_plot_skips_points_without_curves(tmp_path: Path) -> None:
