@@ -188,6 +188,8 @@ def _endpoint_episode(
             )
         except UserSimulatorError as exc:
             if not exc.context_overflow:
+                exc.add_note("raised by the agent endpoint being evaluated (--endpoint / --model), not by a user "
+                             "simulator")
                 raise
             if turn == 0:
                 raise ValueError(

@@ -255,8 +255,11 @@ def test_endpoint_context_overflow_ends_only_that_episode(tmp_path: Path) -> Non
 def test_endpoint_server_failure_still_raises() -> None:
     down = UserSimulatorError("http://127.0.0.1:9/v1/chat/completions failed: ConnectError", None)
     client = _ScriptedClient(["[action] 1 1 1 1", "[answer] 3"], fits=2, error=down)
-    with pytest.raises(UserSimulatorError, match="ConnectError"):
+    with pytest.raises(UserSimulatorError, match="ConnectError") as info:
         evaluate_endpoint(client, load_config(None, ENDPOINT_CFG), TASKS)
+    assert info.value.__notes__ == [
+        "raised by the agent endpoint being evaluated (--endpoint / --model), not by a user simulator"
+    ]
 
 
 def test_endpoint_gym_error_ends_only_that_episode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
