@@ -176,10 +176,13 @@ def _trainer_state(s: SFTSetup, state: SFTState) -> dict[str, Any]:
 def _restore(s: SFTSetup, state: SFTState, checkpoint: Path) -> None:
     saved = load_checkpoint(checkpoint, s.policy, s.optimizer)
     if saved.get("data_digest") != s.data_digest:
+        if saved["num_train"] != len(s.train):
+            how = f"{saved['num_train']} training trajectories, this run has {len(s.train)}"
+        else:
+            how = f"data digest {saved.get('data_digest')}, this run's is {s.data_digest}"
         raise ValueError(
             f"SFT checkpoint {checkpoint} was trained on other SFT data than this run's {SFT_DATA_FILE} "
-            f"({saved['num_train']} vs {len(s.train)} training trajectories): resume with the same sft and env "
-            "config, or set checkpoint.resume=false"
+            f"(the checkpoint has {how}): resume with the same sft and env config, or set checkpoint.resume=false"
         )
     state.step, state.epoch, state.position = saved["step"], saved["epoch"], saved["position"]
     state.guard.load_state_dict(saved["guard"])

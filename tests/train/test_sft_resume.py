@@ -118,5 +118,6 @@ def test_resume_reads_the_data_file_and_refuses_other_data(stopped_copy: Path) -
     turn = next(m for m in record["messages"] if m["role"] == "assistant")
     turn["content"] += " Edited."
     path.write_text("\n".join([header, json.dumps(record), *rest]) + "\n")
-    with pytest.raises(pytest.fail.Exception, match=r"other SFT data than this run's sft-data\.jsonl"):
+    refused = r"other SFT data than this run's sft-data\.jsonl \(the checkpoint has data digest [0-9a-f]{32}, this run"
+    with pytest.raises(pytest.fail.Exception, match=refused):
         sft_run(stopped_copy)
