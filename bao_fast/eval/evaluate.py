@@ -157,6 +157,9 @@ def _step(gym: Gym, text: str, task_id: str) -> StepResult | None:
         return None
 
 
+_ENDPOINT_NOTE = "raised by the agent endpoint being evaluated (--endpoint / --model), not by a user simulator"
+
+
 def _endpoint_episode(
     client: UserSimulatorClient,
     gym: Gym,
@@ -188,8 +191,8 @@ def _endpoint_episode(
             )
         except UserSimulatorError as exc:
             if not exc.context_overflow:
-                exc.add_note("raised by the agent endpoint being evaluated (--endpoint / --model), not by a user "
-                             "simulator")
+                if _ENDPOINT_NOTE not in getattr(exc, "__notes__", ()):
+                    exc.add_note(_ENDPOINT_NOTE)
                 raise
             if turn == 0:
                 raise ValueError(
