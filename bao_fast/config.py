@@ -49,7 +49,9 @@ class EnvConfig:
     (gym-specific; empty = generated tasks). LLM-user gyms reach their user simulator at ``user_base_url``
     (OpenAI-compatible, model ``user_model``, key from ``$OPENAI_API_KEY`` when set), with completion limits
     ``user_max_tokens`` / ``judge_max_tokens``; ``user_thinking: false`` asks the server to skip the model's
-    thinking (``chat_template_kwargs.enable_thinking``, as vLLM / SGLang serve Qwen3)."""
+    thinking (``chat_template_kwargs.enable_thinking``, as vLLM / SGLang serve Qwen3). ``max_turns`` (the
+    turn budget T, also ``algo.shaping.horizon``) defaults to the gym's own: 15 for Function and Turtle, 12 for
+    Telepathy and Twenty Questions, 10 for Intention."""
 
     name: str = "function"
     level: int = 1
@@ -313,7 +315,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Validate a nested dict into a Config (the algorithm preset is applied before ``algo.shaping``)."""
     algo = data.get("algo", {}) if isinstance(data.get("algo", {}), dict) else {}
-    horizon = data.get("env", {}).get("max_turns", EnvConfig.max_turns) if isinstance(data.get("env"), dict) else 15
+    env = data.get("env", {})
+    if isinstance(env, dict) and "max_turns" not in env:  # the gym's own budget, recorded in the run's config
+        data = {**data, "env": {**env, "max_turns": _gym_max_turns(env.get("name", EnvConfig.name))}}
+    horizon = data["env"]["max_turns"] if isinstance(env, dict) else EnvConfig.max_turns
     base = Config()
     if "name" in algo:
         name = _check_scalar(algo["name"], typing.get_type_hints(AlgoConfig)["name"], "algo.name")
@@ -321,6 +326,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     else:
         base.algo = AlgoConfig(shaping=preset("bao", horizon=horizon))
     return validate(_build(Config, data, "", base))
+
+
+def _gym_max_turns(name: Any) -> int:
+    """Registered gym ``name``'s turn budget; ``EnvConfig.max_turns`` for a name the registry lacks (the
+    preflight reports ``env.name``)."""
+    from bao_fast.envs.registry import GYMS, default_max_turns  # the gyms import more than a config load needs
+
+    return default_max_turns(name) if isinstance(name, str) and name in GYMS else EnvConfig.max_turns
 
 
 def _require(ok: bool, key: str, message: str) -> None:

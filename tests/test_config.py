@@ -32,6 +32,19 @@ def test_algo_preset_then_explicit_shaping(name: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("gym", "budget"),
+    [("function", 15), ("turtle", 15), ("telepathy", 12), ("twenty_questions", 12), ("intention", 10)],
+)
+def test_turn_budget_defaults_to_the_gyms_own(gym: str, budget: int, tmp_path: Path) -> None:
+    cfg = load_config(None, [*TINY, f"env.name={gym}"])
+    assert cfg.env.max_turns == budget and cfg.algo.shaping.horizon == budget  # BAO.md: T is 12 for Telepathy
+    assert load_config(None, [*TINY, f"env.name={gym}", "env.max_turns=7"]).algo.shaping.horizon == 7
+    path = tmp_path / "c.yaml"
+    path.write_text(f"env:\n  name: {gym}\n  max_turns: 9\n")
+    assert load_config(path, TINY).env.max_turns == 9
+
+
+@pytest.mark.parametrize(
     ("overrides", "match"),
     [
         (["trian.steps=3"], "unknown config key 'trian'"),

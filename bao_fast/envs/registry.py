@@ -6,6 +6,7 @@ Adding a gym: put its class in :data:`GYMS`, a task source ``(split, n, level, s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -88,6 +89,12 @@ def _lookup(registry: dict[str, Any], kind: str, name: str) -> Any:
 def make_gym(name: str, **kwargs: Any) -> Gym:
     """A fresh gym of the registered ``name`` (e.g. ``make_gym("function", max_turns=15)``)."""
     return _lookup(GYMS, "gym", name)(**kwargs)
+
+
+def default_max_turns(name: str) -> int:
+    """Gym ``name``'s own turn budget T, its constructor's ``max_turns`` default (BAO.md: 15 for Function and
+    Turtle, 12 for Telepathy)."""
+    return inspect.signature(_lookup(GYMS, "gym", name)).parameters["max_turns"].default
 
 
 def needs_user_simulator(name: str) -> bool:
