@@ -33,6 +33,15 @@ class ShapingConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        for name in ("gamma", "info_seeking_coef", "overthinking_coef", "eps"):  # ints become floats: the
+            value = getattr(self, name)  # Triton kernel specialises on the argument's type
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"ShapingConfig.{name} must be a number, got {type(value).__name__}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int):
+            raise TypeError(f"ShapingConfig.horizon must be an int, got {type(self.horizon).__name__}")
+        if not isinstance(self.norm_by_std, bool):
+            raise TypeError(f"ShapingConfig.norm_by_std must be a bool, got {type(self.norm_by_std).__name__}")
         if self.turn_credit not in TURN_CREDITS:
             raise ValueError(f"ShapingConfig.turn_credit must be one of {TURN_CREDITS}, got {self.turn_credit!r}")
         if self.score not in TRAJECTORY_SCORES:
