@@ -7,8 +7,9 @@ A mistake in what the user typed ends the command with one line on stderr, ``bao
 and exit status 2 (argparse's own status for bad arguments): :class:`UsageError` (flags that do not go
 together, an unknown name, input files that are not what the command reads), ``ConfigError`` (a bad
 config file or ``KEY=VALUE`` override) and ``FileNotFoundError`` (a path that does not exist). The
-commands load their config inside ``run``, so these are caught around it; any other exception is a bug
-and keeps its traceback.
+commands load their config inside ``run``, so these are caught around it. A :class:`RunError` (the run's
+files or disk failed it: a damaged checkpoint, a full disk) prints its one line too, with exit status 1.
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class UsageError(ValueError):
     """The command line asks for something the command cannot do; the message names the argument."""
+
+
+class RunError(RuntimeError):
+    """The run cannot go on for a reason outside the code (a damaged checkpoint, a full disk); the message
+    names the path and what is left on disk. The command ends with that one line and exit status 1."""
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (UsageError, ConfigError, FileNotFoundError)
@@ -71,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"bao-fast {args.command}: {_message(exc)}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"bao-fast {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -69,6 +69,20 @@ def test_user_errors_print_one_line_and_exit_2(
     assert err.startswith(message) and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_run_errors_print_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bao_fast.train.checkpoint import CheckpointError
+
+    def damaged(args: object) -> int:
+        raise CheckpointError("checkpoint runs/x/step-000002 is damaged: rank 0: cannot read rank-0.pt")
+
+    monkeypatch.setattr(pareto, "run", damaged)
+    assert main(["pareto", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err == "bao-fast pareto: checkpoint runs/x/step-000002 is damaged: rank 0: cannot read rank-0.pt\n"
+
+
 def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(args: object) -> int:
         raise ValueError("a bug, not a user error")
