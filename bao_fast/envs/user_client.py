@@ -220,6 +220,21 @@ class UserSimulatorClient:
                 raise UserSimulatorError(f"server at {self.base_url} not ready after {timeout:.0f} s ({last})")
             time.sleep(interval)
 
+    def served_models(self) -> list[str]:
+        """The model ids ``GET {base_url}/models`` lists (one attempt, at most 5 s). UserSimulatorError when the
+        server cannot be reached or does not answer with an OpenAI model list."""
+        try:
+            response = self._http.get("/models", timeout=min(self.timeout, 5.0))
+        except httpx.TransportError as exc:
+            raise UserSimulatorError(f"{self.base_url}/models: {type(exc).__name__}: {exc or 'no detail'}") from None
+        if not response.is_success:
+            raise UserSimulatorError(f"{self.base_url}/models: HTTP {response.status_code}", response.status_code)
+        try:
+            return [str(m["id"]) for m in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise UserSimulatorError(f"{self.base_url}/models: not an OpenAI model list: {response.text[:200]!r}",
+                                     response.status_code) from None
+
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:
             for key, value in deltas.items():

@@ -192,3 +192,13 @@ def test_wait_until_ready(openai_stub):
     with pytest.raises(UserSimulatorError, match="not ready"):
         client.wait_until_ready(timeout=0.3, interval=0.05)
     assert time.monotonic() - start < 2.0
+
+
+def test_served_models(openai_stub):
+    assert UserSimulatorClient(openai_stub.url, "m").served_models() == ["stub"]
+    with pytest.raises(UserSimulatorError, match=r"/v2/models: HTTP 404"):
+        UserSimulatorClient(f"{openai_stub.url}/v2", "m").served_models()
+    start = time.monotonic()
+    with pytest.raises(UserSimulatorError, match=r"/models: ConnectError"):
+        UserSimulatorClient(f"http://127.0.0.1:{_free_port()}", "m").served_models()
+    assert time.monotonic() - start < 5.0

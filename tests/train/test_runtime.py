@@ -61,3 +61,21 @@ def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_pat
     assert "train.steps" not in problem and "logging" not in problem  # a resumed run may change these
     assert preflight(load_config(None, [*base, "train.steps=500"]), 1, "train") is None
     assert preflight(load_config(None, [*base, "algo.name=grpo", "checkpoint.resume=false"]), 1, "train") is None
+
+
+def test_preflight_checks_the_models_the_servers_serve(openai_stub, tmp_path, caplog) -> None:
+    """The stub serves model 'stub': a user simulator or teacher model it does not serve is a config error."""
+    user = ["model.tiny=true", f"run_dir={tmp_path}", "env.name=telepathy", "env.num_train_tasks=8",
+            "env.num_eval_tasks=4", "eval.num_tasks=4", f"env.user_base_url={openai_stub.url}", "sft.enabled=false"]
+    assert preflight(load_config(None, [*user, "env.user_model=stub"]), 1, "train") is None
+    problem = preflight(load_config(None, [*user, "env.user_model=Qwen/Qwen3-32B"]), 1, "train")
+    assert problem == (
+        f"config key 'env.user_model': the server at {openai_stub.url} serves ['stub'], not 'Qwen/Qwen3-32B'"
+    )
+    teacher = ["model.tiny=true", f"run_dir={tmp_path}", "sft.teacher=llm", f"sft.teacher_base_url={openai_stub.url}",
+               "sft.teacher_model=big"]
+    assert "config key 'sft.teacher_model': the server at" in preflight(load_config(None, teacher), 1, "sft")
+    assert preflight(load_config(None, [*teacher, "sft.enabled=false"]), 1, "train") is None  # no SFT, no teacher
+    down = load_config(None, [*user[:6], "env.user_base_url=http://127.0.0.1:9", "env.user_model=m"])
+    assert preflight(down, 1, "train") is None  # not up yet: warned, not refused
+    assert "could not check that the server for env.user_model serves 'm'" in caplog.text
