@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -37,6 +38,8 @@ class ShapingConfig:
             value = getattr(self, name)  # Triton kernel specialises on the argument's type
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"ShapingConfig.{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):  # NaN would give NaN advantages, an infinite eps all-zero ones
+                raise ValueError(f"ShapingConfig.{name} must be finite, got {value}")
             object.__setattr__(self, name, float(value))
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, int):
             raise TypeError(f"ShapingConfig.horizon must be an int, got {type(self.horizon).__name__}")

@@ -25,6 +25,9 @@ def test_integer_coefficients_become_floats() -> None:
         ({"info_seeking_coef": -0.1}, ValueError, "info_seeking_coef and overthinking_coef must be >= 0"),
         ({"horizon": 0}, ValueError, "ShapingConfig.horizon must be >= 1, got 0"),
         ({"eps": 0}, ValueError, "ShapingConfig.eps must be > 0, got 0.0"),
+        ({"eps": float("inf")}, ValueError, "ShapingConfig.eps must be finite, got inf"),
+        ({"info_seeking_coef": float("nan")}, ValueError, "ShapingConfig.info_seeking_coef must be finite, got nan"),
+        ({"overthinking_coef": float("inf")}, ValueError, "ShapingConfig.overthinking_coef must be finite"),
     ],
 )
 def test_bad_values_name_the_field(kwargs: dict, error: type[Exception], match: str) -> None:
