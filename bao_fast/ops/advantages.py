@@ -212,7 +212,8 @@ def shaped_advantages(
 
     Args: turn_rewards float32/float64[M] raw per-turn rewards; turn_is_answer bool[M]; turn_offsets
     int32[B+1] (trajectory b owns turns offsets[b]:offsets[b+1]); group_ids int64[B]; token_turn_ids
-    int32[T] global turn of each token, -1 for untrained tokens; cfg the ``ShapingConfig``.
+    int32[T] global turn of each token, -1 for untrained tokens (a PackedBatch's ``target_turn_ids`` gives
+    advantages aligned with ``token_logprobs`` rows); cfg the ``ShapingConfig``.
     Returns ``ShapedAdvantages`` in the dtype of ``turn_rewards``. Not differentiable.
     """
     _validate(turn_rewards, turn_is_answer, turn_offsets, group_ids, token_turn_ids, cfg)

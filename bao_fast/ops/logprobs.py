@@ -35,10 +35,11 @@ def _fwd_op(
         fwd = logprobs_forward
     else:
         fwd = chunked_forward
-    return fwd(
-        hidden, weight, bias, targets, target_rows,
-        temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-    )  # fmt: skip
+    with torch.autocast(hidden.device.type, enabled=False):  # an enclosing autocast would run the GEMMs in 16 bits
+        return fwd(
+            hidden, weight, bias, targets, target_rows,
+            temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
+        )  # fmt: skip
 
 
 @_fwd_op.register_fake
@@ -66,17 +67,19 @@ def _bwd_op(
     need_dhidden: bool,
     need_dweight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dhidden [N, H], dweight [V, H], dbias f32 [V]); a gradient not needed (or dbias without bias) is [0]."""
+    """Contiguous (dhidden [N, H], dweight [V, H], dbias f32 [V]) whatever the input strides; a gradient not
+    needed (or dbias without bias) is [0]."""
     if hidden.is_cuda:
         from bao_fast.kernels.logprobs import logprobs_backward
 
         bwd = logprobs_backward
     else:
         bwd = chunked_backward
-    dh, dw, db = bwd(
-        grad_logp, grad_entropy, hidden, weight, bias, targets, target_rows, lse, entropy,
-        temperature=temperature, ignore_index=ignore_index, need_dhidden=need_dhidden, need_dweight=need_dweight,
-    )  # fmt: skip
+    with torch.autocast(hidden.device.type, enabled=False):
+        dh, dw, db = bwd(
+            grad_logp, grad_entropy, hidden, weight, bias, targets, target_rows, lse, entropy,
+            temperature=temperature, ignore_index=ignore_index, need_dhidden=need_dhidden, need_dweight=need_dweight,
+        )  # fmt: skip
     return (
         dh if dh is not None else hidden.new_empty(0),
         dw if dw is not None else weight.new_empty(0),
@@ -87,10 +90,17 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, targets, target_rows, lse, entropy, temperature, ignore_index,
       need_dhidden, need_dweight):  # fmt: skip
-    dh = torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0)
-    dw = torch.empty_like(weight) if need_dweight else weight.new_empty(0)
+    dh = hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0)  # contiguous, as both paths
+    dw = weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0)
     db = hidden.new_empty(weight.shape[0] if bias is not None and need_dweight else 0, dtype=torch.float32)
     return dh, dw, db
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("token_logprobs does not support double backward (its gradient is not differentiable)")
+
+
+torch.library.register_autograd("bao_fast::token_logprobs_bwd", _no_double_backward)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -166,7 +176,7 @@ def _validate(
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not 0 < temperature < math.inf:  # comparisons, not math.isfinite: a SymFloat under torch.compile(dynamic)
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -212,7 +222,8 @@ def token_logprobs(
             and row-aligned so no scatter is needed downstream.
     Returns:
         logp f32 ``[N]`` (and entropy f32 ``[N]``). Rows that are ignored or not in ``target_rows`` are 0
-        and receive no gradient. Differentiable w.r.t. hidden, weight and bias, through both outputs.
+        and receive no gradient. Differentiable w.r.t. hidden, weight and bias, through both outputs, once:
+        differentiating the gradient again (double backward) raises a RuntimeError.
 
     The logits are never materialised beyond one tile; dweight is accumulated in fp32 deterministically.
     Index ranges (targets, target_rows) are checked on the CPU only: on the GPU that would synchronise.

@@ -118,7 +118,7 @@ def chunked_backward(
     v = weight.shape[0]
     k = n if rows is None else rows.shape[0]
     inv_temp = 1.0 / temperature
-    dh = torch.zeros_like(hidden) if need_dhidden else None
+    dh = hidden.new_zeros(hidden.shape) if need_dhidden else None  # contiguous whatever hidden's strides
     dw = weight.new_zeros(v, h_dim, dtype=torch.float32) if need_dweight else None
     db = weight.new_zeros(v, dtype=torch.float32) if bias is not None and need_dweight else None
     if not (need_dhidden or need_dweight):

@@ -40,6 +40,9 @@ def pack_multiturn(
 
     Raises:
         TypeError / ValueError naming the offending argument.
+
+    A host-side step (its output sizes come from the host description): call it outside ``torch.compile``d
+    code; ``torch.ops.bao_fast.pack_multiturn`` with precomputed sizes is the traceable op.
     """
     validate_pack_inputs(seg_lens, seg_trained, seq_seg_offsets, input_ids, ignore_index)
     offsets = host_offsets(seg_lens, seg_trained, seq_seg_offsets)

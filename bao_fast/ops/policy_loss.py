@@ -26,6 +26,7 @@ d loss / d logp; the backward scales it by the incoming gradient. CUDA runs the 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -74,10 +75,18 @@ def _validate(
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
+    scalars = {"clip_low": clip_low, "clip_high": clip_high, "dual_clip": dual_clip, "kl_coef": kl_coef}
+    if norm_length is not None:
+        scalars["norm_length"] = norm_length
+    for name, value in scalars.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+        if name != "dual_clip" and not -math.inf < value < math.inf:  # SymFloat-safe (torch.compile dynamic)
+            raise ValueError(f"{name} must be finite, got {value}")
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low} and {clip_high}")
-    if dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (inf disables it), got {dual_clip}")
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if kl_coef > 0 and ref_logp is None:
@@ -210,6 +219,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_loss, _grad_grad, _grad_stats):
+    if torch.is_grad_enabled():  # create_graph=True: the saved d loss / d logp has no derivative of its own
+        raise RuntimeError("clipped_ratio_loss does not support double backward (create_graph=True)")
     (grad_logp,) = ctx.saved_tensors
     return (grad_loss * grad_logp,) + (None,) * 12
 
@@ -236,8 +247,11 @@ def clipped_ratio_loss(
     """Clipped-ratio policy loss of packed tokens (semantics in the module docstring).
 
     Args: logp float32/float64[T] (differentiable), old_logp, advantages (, ref_logp) of the same dtype and
-    shape, mask bool[T] (trained tokens), cu_seqlens int32[B+1] (required by the seq-* aggregations).
-    Returns (loss 0-dim tensor, stats dict ``STAT_NAMES`` -> detached 0-dim tensors).
+    shape, mask bool[T] (trained tokens), cu_seqlens int32[B+1] (B >= 1, required by the seq-* aggregations).
+    Scalars are Python floats: clip_low, clip_high >= 0; dual_clip > 1 (inf disables it); kl_coef >= 0 (> 0
+    needs ref_logp); norm_length > 0 and finite (required by seq-mean-token-sum-norm).
+    Returns (loss 0-dim tensor in logp's dtype, stats dict ``STAT_NAMES`` -> detached 0-dim tensors).
+    Differentiable once: double backward (``create_graph=True``) raises a RuntimeError.
     """
     _validate(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp,

@@ -135,6 +135,27 @@ def test_works_under_torch_compile():
         torch.testing.assert_close(got.grad, want.grad)
 
 
+def test_compiles_with_dynamic_shapes():
+    """torch.compile(dynamic=True, fullgraph=True) with the default temperature (a SymFloat there, on which the
+    validation's math.isfinite broke the graph) over batches of several sizes, against eager."""
+    _, weight, _, _, _ = _inputs(1, 16, 45, seed=43)
+
+    def f(h, w, t, r):
+        logp, ent = token_logprobs(h, w, t, return_entropy=True, target_rows=r)
+        return (logp * torch.arange(h.shape[0])).sum() + ent.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (9, 17, 30):
+        hidden, _, _, targets, rows = _inputs(n, 16, 45, rows=True, seed=n)
+        leaves = [(x.clone().requires_grad_(), weight.clone().requires_grad_()) for x in (hidden, hidden)]
+        got, want = compiled(*leaves[0], targets, rows), f(*leaves[1], targets, rows)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want)
+        for a, b in zip(leaves[0], leaves[1], strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_opcheck_registration():
     hidden, weight, b, targets, rows = _inputs(11, 16, 33, bias=True, rows=True, seed=17)
     args = (hidden.requires_grad_(), weight.requires_grad_(), b.requires_grad_(), targets, rows, 1.1, IGNORE, True)
@@ -194,6 +215,85 @@ def test_only_requested_gradients(trainable):
             _close(leaf.grad, ref[name].grad, 1e-5, f"d{name}")
         else:
             assert leaf.grad is None
+
+
+def _strided(n, h, v, seed):
+    """Views a consumer passes straight in: every other hidden column, a transposed [H, V] head, strided
+    bias / targets / target_rows."""
+    hidden, weight, b, targets, rows = _inputs(n, 2 * h, v, bias=True, rows=True, seed=seed)
+    head = weight[:, :h].T.contiguous()  # [H, V]
+    targets2 = torch.stack([targets, torch.full_like(targets, IGNORE)], 1).flatten()
+    bias2 = torch.stack([b, torch.zeros_like(b)], 1).flatten()
+    rows2 = torch.stack([rows, rows], 1).flatten()
+    return hidden, head, bias2, targets2, rows2
+
+
+def _strided_views(hidden, head, bias2, targets2, rows2):
+    return hidden[:, ::2], head.T, bias2[::2], targets2[::2], rows2[::2]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_strided_views_match_reference(compiled):
+    """hidden[:, ::2], head.T, sliced bias / targets / rows: values and gradients of the base tensors, eager and
+    under torch.compile (the backward's outputs are contiguous, as its fake impl says)."""
+    base = _strided(21, 16, 37, seed=29)
+    g_logp, g_ent = torch.randn(21, dtype=torch.float64), torch.randn(21, dtype=torch.float64)
+
+    def run(fn, leaves):
+        h, w, bb, t, r = _strided_views(*leaves, base[3], base[4])
+        logp, ent = fn(h, w, t, bias=bb, temperature=0.9, return_entropy=True, target_rows=r)
+        ((logp.double() * g_logp).sum() + (ent.double() * g_ent).sum()).backward()
+        return logp, ent
+
+    fn = torch.compile(token_logprobs, backend="aot_eager", fullgraph=True) if compiled else token_logprobs
+    leaves = [x.clone().requires_grad_() for x in base[:3]]
+    ref_leaves = [x.double().requires_grad_() for x in base[:3]]
+    logp, ent = run(fn, leaves)
+    ref_logp, ref_ent = run(token_logprobs_reference, ref_leaves)
+    _close(logp, ref_logp, 1e-5, "logp")
+    _close(ent, ref_ent, 1e-5, "entropy")
+    for name, got, want in zip(("hidden", "weight", "bias"), leaves, ref_leaves, strict=True):
+        _close(got.grad, want.grad, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_opcheck_with_strided_views(need):
+    """Fake and real impls of both ops agree on strides for views (a transposed weight made the fake dweight
+    transposed while the CPU and CUDA impls return it contiguous: inductor's stride assert failed)."""
+    hidden, weight, b, targets, rows = _strided_views(*_strided(13, 16, 33, seed=31))
+    fwd_args = (hidden, weight, b, targets, rows, 1.1, IGNORE, True)
+    torch.library.opcheck(torch.ops.bao_fast.token_logprobs_fwd.default, fwd_args)
+    _, ent, lse = torch.ops.bao_fast.token_logprobs_fwd(*fwd_args)
+    dh, dw, db = torch.ops.bao_fast.token_logprobs_bwd(torch.randn(13), torch.randn(13), hidden, weight, b, targets,
+                                                       rows, lse, ent, 1.1, IGNORE, *need)  # fmt: skip
+    assert all(t.is_contiguous() for t in (dh, dw, db))
+    assert dh.shape == ((13, 16) if need[0] else (0,)) and dw.shape == ((33, 16) if need[1] else (0,))
+    bwd_args = (torch.randn(13), torch.randn(13), hidden, weight, b, targets, rows, lse, ent, 1.1, IGNORE, *need)
+    torch.library.opcheck(torch.ops.bao_fast.token_logprobs_bwd.default, bwd_args)
+
+
+def test_fp32_under_an_enclosing_autocast():
+    """A training step under torch.autocast(bfloat16) must not turn the op's fp32 tile GEMMs into bf16 ones
+    (errors of 3e-2 instead of 1e-5, forward and backward)."""
+    hidden, weight, b, targets, rows = _inputs(40, 64, 300, bias=True, rows=True, seed=41)
+    g = torch.randn(40, dtype=torch.float64)
+    kw = {"temperature": 0.8, "return_entropy": True, "target_rows": rows}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent, grads = _grads(lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, **kw), (hidden, weight, b),
+                                  g, g)  # fmt: skip
+    ref = _grads(lambda h, w, bb: token_logprobs_reference(h, w, targets, bias=bb, **kw), (hidden, weight, b), g, g)
+    _close(logp, ref[0], 1e-5, "logp")
+    _close(ent, ref[1], 1e-5, "entropy")
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref[2], strict=True):
+        _close(got, want, 1e-5, f"d{name}")
+
+
+def test_double_backward_raises_a_clear_error():
+    hidden, weight, _, targets, _ = _inputs(9, 8, 20, seed=37)
+    hidden.requires_grad_()
+    (dh,) = torch.autograd.grad(token_logprobs(hidden, weight, targets).sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="token_logprobs does not support double backward"):
+        dh.sum().backward()
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -103,6 +103,23 @@ def test_torch_compile_and_opcheck():
     torch.library.opcheck(torch.ops.bao_fast.clipped_ratio_loss.default, args)
 
 
+def test_torch_compile_with_dynamic_shapes():
+    """fullgraph + dynamic=True: the scalar options are SymFloats there, which math.isfinite cannot take."""
+
+    def f(x, old_logp, adv, mask):
+        return clipped_ratio_loss(x, old_logp, adv, mask, clip_high=0.28, kl_coef=0.05, ref_logp=old_logp)[0]
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for lengths in ([30, 10], [7, 50, 3], [64, 9]):
+        logp, old_logp, adv, mask, _, _ = make_inputs(lengths, seed=len(lengths))
+        a, b = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+        got, want = compiled(a, old_logp, adv, mask), f(b, old_logp, adv, mask)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def _call(**overrides):
     logp, old_logp, adv, mask, cu, ref_logp = make_inputs([6, 5, 4], seed=0, dtype=torch.float32)
     args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask)
@@ -130,11 +147,50 @@ def _call(**overrides):
         (dict(dual_clip=1.0), ValueError, "dual_clip"),
         (dict(kl_coef=0.1, ref_logp=None), ValueError, "ref_logp"),
         (dict(agg="seq-mean-token-sum-norm"), ValueError, "norm_length"),
+        (dict(agg="seq-mean-token-sum-norm", norm_length=float("nan")), ValueError, "norm_length"),
+        (dict(agg="seq-mean-token-sum-norm", norm_length=float("inf")), ValueError, "norm_length"),
+        (dict(agg="seq-mean-token-sum-norm", norm_length=True), TypeError, "norm_length"),
+        (dict(clip_low=float("nan")), ValueError, "clip_low"),
+        (dict(clip_high=float("inf")), ValueError, "clip_high"),
+        (dict(clip_high="0.2"), TypeError, "clip_high"),
+        (dict(dual_clip=float("nan")), ValueError, "dual_clip"),
+        (dict(kl_coef=float("nan")), ValueError, "kl_coef"),
+        (dict(kl_coef=torch.tensor(0.1)), TypeError, "kl_coef"),
     ],
 )
 def test_bad_inputs_raise(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_infinite_dual_clip_disables_it(agg):
+    """dual_clip=inf is the documented way to turn the dual clip off: no clipfrac_lower, reference values."""
+    logp, old_logp, adv, mask, cu, ref_logp = make_inputs([20, 13, 0, 40], seed=6)
+    kw = dict(kwargs(agg, "k1", cu, ref_logp), dual_clip=float("inf"))
+    leaf, ref_leaf = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    loss, stats = clipped_ratio_loss(leaf, old_logp, adv, mask, **kw)
+    want, want_stats = clipped_ratio_loss_reference(ref_leaf, old_logp, adv, mask, **kw)
+    loss.backward()
+    want.backward()
+    assert stats["clipfrac_lower"] == 0 and want_stats["clipfrac"] > 0
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_raises_instead_of_a_zero_hessian():
+    """The backward scales a saved d loss / d logp: differentiating it again would silently give 0."""
+    logp, old_logp, adv, mask, _, ref_logp = make_inputs([10, 6, 9], seed=8)
+    leaf = logp.clone().requires_grad_()
+    loss, _ = clipped_ratio_loss(leaf, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, kl_type="k2")
+    with pytest.raises(RuntimeError, match="clipped_ratio_loss does not support double backward"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, leaf)  # a plain backward still works
+    ref_leaf = logp.clone().requires_grad_()
+    want, _ = clipped_ratio_loss_reference(ref_leaf, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1,
+                                           kl_type="k2")  # fmt: skip
+    (want_grad,) = torch.autograd.grad(want, ref_leaf)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
