@@ -118,6 +118,17 @@ def test_torch_compile_and_opcheck():
     torch.library.opcheck(torch.ops.bao_fast.shaped_advantages.default, args)
 
 
+def test_torch_compile_with_dynamic_shapes():
+    """One dynamic-shape graph serves batches of other sizes (trajectories, turns, tokens) exactly."""
+    cfg = CONFIGS[0]
+    compiled = torch.compile(lambda *a: shaped_advantages(*a, cfg), backend="aot_eager", fullgraph=True,
+                             dynamic=True)
+    for trajectories, groups in ((20, 3), (33, 5), (12, 2)):
+        batch = random_batch(trajectories, groups)
+        for got, want in zip(compiled(*batch), shaped_advantages(*batch, cfg), strict=True):
+            torch.testing.assert_close(got, want)
+
+
 def _bad(batch, index, value):
     items = list(batch)
     items[index] = value
