@@ -123,8 +123,8 @@ def test_torch_compile_with_dynamic_shapes():
     cfg = CONFIGS[0]
     compiled = torch.compile(lambda *a: shaped_advantages(*a, cfg), backend="aot_eager", fullgraph=True,
                              dynamic=True)
-    for trajectories, groups in ((20, 3), (33, 5), (12, 2)):
-        batch = random_batch(trajectories, groups)
+    for trajectories, seed in ((20, 3), (33, 5), (12, 2)):
+        batch = random_batch(trajectories, seed)
         for got, want in zip(compiled(*batch), shaped_advantages(*batch, cfg), strict=True):
             torch.testing.assert_close(got, want)
 
