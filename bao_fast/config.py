@@ -73,7 +73,10 @@ class RolloutConfig:
     transformers ``generate``. ``max_model_len`` bounds prompt + all turns (BAO.md end condition).
     ``old_logprobs``: ``recompute`` (the policy's before the update: one no-grad forward over every mini-batch
     but the first, whose first training forward still runs on the rollout's weights) or ``engine`` (the
-    engine's sampling log-probs, no forward)."""
+    engine's sampling log-probs, no forward). ``tensor_parallel_size`` (vLLM only; must divide the world size,
+    checked at start-up): consecutive ranks share one tensor-parallel engine and roll out the same prompts (the
+    group's first rank steps the gyms and broadcasts the results); the trajectories are then split over the
+    group's ranks by whole GRPO groups, and FSDP still trains data-parallel over all ranks."""
 
     engine: Literal["vllm", "hf"] = "vllm"
     group_size: int = 8
@@ -381,11 +384,12 @@ def validate(cfg: Config) -> Config:
         f"'engine' needs rollout.top_p = 1 (got {r.top_p}): the engine's log-probs are renormalised over the "
         "top-p nucleus, the training forward's are not, so their ratio would be biased; use 'recompute'",
     )
+    _require(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
     _require(
-        r.tensor_parallel_size == 1,
+        r.tensor_parallel_size == 1 or r.engine == "vllm",
         "rollout.tensor_parallel_size",
-        f"must be 1, got {r.tensor_parallel_size}: every rank rolls out its own prompts (a tensor-parallel "
-        "vLLM group would need the same prompts on all its ranks)",
+        f"must be 1 with rollout.engine={r.engine!r}, got {r.tensor_parallel_size}: only the vLLM engine is "
+        "tensor-parallel",
     )
     _require(r.max_turn_tokens >= 1, "rollout.max_turn_tokens", f"must be >= 1, got {r.max_turn_tokens}")
     _require(

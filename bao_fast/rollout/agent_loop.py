@@ -14,6 +14,12 @@ the feedback (``ChatFormat``). The conversation is never re-tokenised. Episodes 
 only through sampling. With ``params.seed`` set, round ``t`` uses ``params.seed + t * num_episodes`` (the
 engines add the request index), so a run is reproducible.
 
+With a tensor-parallel engine (``tp_group`` of more than one rank, ``bao_fast.rollout.tp_group``) every rank
+of the group calls ``run_episodes`` with the same arguments; only the group's leader resets and steps the gyms,
+and the other ranks receive its results (opening messages, step results, the exceptions raised), so the
+prompts of every round are the same on all ranks even when the gym's replies are not reproducible (an LLM
+user simulator), and the simulator sees each request once.
+
 End conditions (BAO.md), in the order they are checked after a turn:
 
 * ``context_limit``: the generation was cut at ``max_model_len`` (prompt + output; the gym is not
@@ -37,6 +43,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -45,6 +52,7 @@ from bao_fast.envs.base import Gym, StepResult
 from bao_fast.envs.user_client import UserSimulatorError
 from bao_fast.rollout.chat_format import ChatFormat
 from bao_fast.rollout.engine import Generation, GenerationEngine, GenerationParams
+from bao_fast.rollout.tp_group import TPGroup
 from bao_fast.rollout.trajectory import EndReason, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -52,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Episode:
-    gym: Gym
+    gym: Gym | None  # None on the ranks of a tensor-parallel group that do not step the gyms
     traj: Trajectory
     prompt: list[int]
     done: bool = False
@@ -75,16 +83,24 @@ class _Episode:
         self.traj.turn_is_answer.append(is_answer)
 
 
-def _step(episode: _Episode, text: str) -> StepResult | Exception:
-    """``episode.gym.step(text)``, or the exception a gym bug raised (a ``UserSimulatorError`` propagates)."""
+def _step(gym: Gym, task_id: str, text: str) -> StepResult | RuntimeError:
+    """``gym.step(text)``, or (logged) the type and message of the exception a gym bug raised, as a picklable
+    RuntimeError; a ``UserSimulatorError`` propagates."""
     try:
-        return episode.gym.step(text)
+        return gym.step(text)
     except UserSimulatorError:
         raise
     except Exception as exc:
-        logger.warning("gym %s raised on task %s; the episode ends (gym_error)", type(episode.gym).__name__,
-                       episode.traj.task_id, exc_info=exc)
-        return exc
+        logger.warning("gym %s raised on task %s; the episode ends (gym_error)", type(gym).__name__, task_id,
+                       exc_info=exc)
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _step_all(
+    pool: ThreadPoolExecutor, stepping: list[tuple[_Episode, Generation, str]]
+) -> list[StepResult | RuntimeError]:
+    """Step the gym of every ``(episode, generation, text)`` with its text, in ``pool``; results in order."""
+    return list(pool.map(lambda item: _step(item[0].gym, item[0].traj.task_id, item[2]), stepping))
 
 
 def reset_gym(gym: Gym, task: Any, seed: int | None, index: int) -> list[dict[str, str]]:
@@ -143,26 +159,30 @@ def run_episodes(
     max_model_len: int | None = None,
     seeds: Sequence[int] | None = None,
     env_workers: int = 8,
+    tp_group: TPGroup | None = None,
 ) -> list[Trajectory]:
     """Play ``group_size`` episodes of every task; returns ``len(tasks) * group_size`` trajectories,
     task-major. ``max_model_len`` defaults to (and may not exceed) ``engine.max_model_len``; a task's
-    opening prompt longer than ``max_model_len - 1`` raises ValueError."""
+    opening prompt longer than ``max_model_len - 1`` raises ValueError. ``tp_group``: the tensor-parallel
+    group sharing ``engine`` (module docstring); None or a group of one: this rank steps its own gyms."""
     _check_args(tasks, group_size, max_turns, env_workers, seeds)
     limit = engine.max_model_len if max_model_len is None else max_model_len
     if limit > engine.max_model_len:
         raise ValueError(f"max_model_len {limit} exceeds the engine's max_model_len {engine.max_model_len}")
     fmt = ChatFormat.from_tokenizer(tokenizer)
+    lead = tp_group.from_leader if tp_group is not None else (lambda fn: fn())
+    stepper = tp_group is None or tp_group.is_leader
+    seed_of = [None if seeds is None else int(seeds[i]) for i in range(len(tasks))]
+    slots = [i for i in range(len(tasks)) for _ in range(group_size)]  # episode -> task index
+    gyms = [gym_factory() if stepper else None for _ in slots]
+    openings = lead(lambda: [reset_gym(gym, tasks[i], seed_of[i], i) for gym, i in zip(gyms, slots)])
     episodes: list[_Episode] = []
-    for i, task in enumerate(tasks):
-        seed = None if seeds is None else int(seeds[i])
-        for _ in range(group_size):
-            gym = gym_factory()
-            messages = reset_gym(gym, task, seed, i)
-            prompt = fmt.prompt_ids(messages)
-            if len(prompt) > limit - 1:
-                raise ValueError(f"task {i}: opening prompt has {len(prompt)} tokens, max_model_len is {limit}")
-            traj = Trajectory(str(getattr(task, "id", i)), i, seed, [("user", prompt)], messages=list(messages))
-            episodes.append(_Episode(gym, traj, prompt))
+    for gym, i, messages in zip(gyms, slots, openings):
+        prompt = fmt.prompt_ids(messages)
+        if len(prompt) > limit - 1:
+            raise ValueError(f"task {i}: opening prompt has {len(prompt)} tokens, max_model_len is {limit}")
+        traj = Trajectory(str(getattr(tasks[i], "id", i)), i, seed_of[i], [("user", prompt)], messages=list(messages))
+        episodes.append(_Episode(gym, traj, prompt))
 
     with ThreadPoolExecutor(max_workers=env_workers) as pool:
         for turn in range(max_turns):
@@ -181,7 +201,7 @@ def run_episodes(
                     ep.finish("context_limit")
                 else:
                     stepping.append((ep, gen, text))
-            results = list(pool.map(lambda item: _step(item[0], item[2]), stepping))
+            results = lead(partial(_step_all, pool, stepping))
             for (ep, gen, _), result in zip(stepping, results):
                 if isinstance(result, Exception):
                     ep.record_turn("invalid", 0.0, False)

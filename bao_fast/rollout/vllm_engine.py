@@ -12,9 +12,11 @@
 * In a ``torchrun``-launched process (``RANK``/``LOCAL_RANK`` set) the engine uses vLLM's
   ``external_launcher`` executor: it lives in this process and joins the ranks ``torchrun`` started
   (``tensor_parallel_size`` consecutive ranks share one model replica and must submit the same prompts
-  and params to ``generate``; with 1, every rank plays its own episodes). Otherwise it runs single-process
-  (``uni``). Either way the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is
-  what lets ``load_weights`` hand vLLM a lazy iterator instead of serialising tensors.
+  and params to ``generate``, see ``bao_fast.rollout.tp_group``; with 1, every rank plays its own episodes).
+  Otherwise it runs single-process (``uni``), with ``tensor_parallel_size`` 1 only. Weight sync is the same
+  for every ``tensor_parallel_size``: each rank pushes the full tensors and vLLM's loaders keep its shard.
+  Either way the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is what lets
+  ``load_weights`` hand vLLM a lazy iterator instead of serialising tensors.
 * Memory: on a GPU the KV cache gets ``cfg.gpu_memory_utilization`` of the device and sleep mode is
   enabled (``cfg.sleep_level`` 1 offloads weights to host memory, 2 discards them: after a level-2
   ``wake_up`` the weights must be pushed with ``load_weights``/``sync_weights_from`` before ``generate``,
@@ -121,10 +123,16 @@ class VLLMEngine:
         dtype = dtype or ("bfloat16" if on_gpu else "float32")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        launched = "RANK" in os.environ and "LOCAL_RANK" in os.environ  # torchrun (or compatible) launch
+        world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
+        if cfg.tensor_parallel_size < 1 or world % cfg.tensor_parallel_size:
+            raise ConfigError(
+                f"config key 'rollout.tensor_parallel_size' ({cfg.tensor_parallel_size}) must divide the number of "
+                f"ranks ({world}{'' if launched else ': not launched by torchrun'})"
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        launched = "RANK" in os.environ and "LOCAL_RANK" in os.environ  # torchrun (or compatible) launch
         kwargs: dict[str, Any] = {
             "model": str(model_path),
             "dtype": dtype,

@@ -2,8 +2,12 @@
 
 One RL step, as :func:`rl_step` reads top to bottom:
 
-1. sample ``rollout.prompts_per_step`` training tasks (resumable cursor); each rank takes its share;
-2. push the policy's weights into the colocated engine and roll out ``group_size`` episodes per task;
+1. sample ``rollout.prompts_per_step`` training tasks (resumable cursor); each tensor-parallel group (one
+   rank unless ``rollout.tensor_parallel_size`` > 1) takes its share;
+2. push the policy's weights into the colocated engine and roll out ``group_size`` episodes per task (all
+   ranks of a tensor-parallel group play the same episodes; its first rank steps the gyms), then keep this
+   rank's share of whole GRPO groups: with any ``tensor_parallel_size`` every rank trains on what it would
+   with 1, and nothing is trained or counted in the metrics twice;
 3. pack all trajectories into one padding-free batch;
 4. old log-probs: recompute with the policy (default) or take the engine's; reference log-probs for KL.
    Recompute skips the first mini-batch: its first update runs on the old weights, so its training forward
@@ -47,7 +51,8 @@ from bao_fast.eval.evaluate import gym_factory
 from bao_fast.eval.metrics import summarize
 from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
-from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, Trajectory, run_episodes
+from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, TPGroup, Trajectory, run_episodes
+from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
@@ -61,7 +66,6 @@ from bao_fast.train.runtime import (
     gather_objects,
     initial_model,
     lockstep,
-    rank_share,
     seed_everything,
     start_run,
     sum_over_ranks,
@@ -96,6 +100,7 @@ class RLSetup:
     gym_factory: Callable[[], Gym]
     train_tasks: list[Any]
     eval_tasks: list[Any]
+    tp_group: TPGroup
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,15 +110,15 @@ class RLSetup:
 
 def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     """One BAO step (module docstring, steps 1-6); returns this step's metrics (identical on all ranks)."""
-    cfg, env, r = s.cfg, s.env, s.cfg.rollout
-    step_seed = derive_seed(cfg.seed, 5, state.step, env.rank)
+    cfg, env, r, tp = s.cfg, s.env, s.cfg.rollout, s.tp_group
+    step_seed = derive_seed(cfg.seed, 5, state.step, tp.index)  # the same on the ranks of a TP group
     seed_everything(step_seed)
     times: dict[str, float] = {}
 
-    # 1. prompts: every rank draws the same global list, then keeps its share
-    task_ids = rank_share(state.sampler.next(r.prompts_per_step), env)
+    # 1. prompts: every rank draws the same global list, then its tensor-parallel group keeps its share
+    task_ids = tp.group_share(state.sampler.next(r.prompts_per_step))
 
-    # 2. rollouts on the current weights
+    # 2. rollouts on the current weights (identical on the ranks of a TP group), then this rank's share
     t0 = time.perf_counter()
     sync_engine(s)
     times["sync"] = time.perf_counter() - t0
@@ -122,6 +127,8 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
                            temperature=r.temperature)
     s.engine.sleep()
     times["generate"] = time.perf_counter() - t0
+    tp.check_identical([(t.input_ids, t.turn_rewards, t.turn_choices, t.end_reason) for t in trajectories])
+    trajectories = tp.member_share(trajectories)  # task-major: whole GRPO groups (tasks per group % tp == 0)
 
     # 3. pack
     batch = pack_segments([t.segments for t in trajectories], env.device)
@@ -200,7 +207,8 @@ def rollout(
     s: RLSetup, tasks: list[Any], task_ids: list[int], seed: int, group_size: int, *, temperature: float,
     gym_seed_base: int = 6,
 ) -> list[Trajectory]:
-    """``group_size`` episodes of every task, sampled at ``temperature`` (with ``rollout.top_p``; 0: greedy)."""
+    """``group_size`` episodes of every task, sampled at ``temperature`` (with ``rollout.top_p``; 0: greedy);
+    the ranks of a tensor-parallel group must pass the same arguments and get the same trajectories."""
     cfg = s.cfg
     params = GenerationParams(
         max_tokens=cfg.rollout.max_turn_tokens,
@@ -214,6 +222,7 @@ def rollout(
         s.engine, s.tokenizer, s.gym_factory, tasks,
         group_size=group_size, params=params, max_turns=cfg.env.max_turns, max_model_len=cfg.rollout.max_model_len,
         seeds=[derive_seed(cfg.seed, gym_seed_base, i) for i in task_ids], env_workers=cfg.rollout.env_workers,
+        tp_group=s.tp_group,
     )
 
 
@@ -414,19 +423,21 @@ def peak_memory_gb(env: DistEnv) -> float:
 
 def evaluate(s: RLSetup, step: int) -> dict[str, Any]:
     """Greedy (or, with ``eval.greedy=false``, sampled at ``eval.temperature``) episodes on the eval tasks ×
-    ``eval.num_seeds``; ``summarize`` (Pass@U up to ``eval.max_k``) on all ranks' episodes. Returns the summary
+    ``eval.num_seeds``, split over the tensor-parallel groups (ranks, when ``rollout.tensor_parallel_size`` is
+    1); ``summarize`` (Pass@U up to ``eval.max_k``) on every group's episodes, counted once. Returns the summary
     with ``step`` (identical on all ranks)."""
-    cfg, env = s.cfg, s.env
+    cfg, tp = s.cfg, s.tp_group
     sync_engine(s)
     n = len(s.eval_tasks)
-    mine = list(range(cfg.eval.num_seeds * n))[env.rank :: env.world_size]  # episode = seed index * n + task
+    mine = list(range(cfg.eval.num_seeds * n))[tp.index :: tp.num_groups]  # episode = seed index * n + task
     records = []
     if mine:
         trajs = rollout(
-            s, [s.eval_tasks[e % n] for e in mine], mine, derive_seed(cfg.seed, 7, env.rank), 1,
+            s, [s.eval_tasks[e % n] for e in mine], mine, derive_seed(cfg.seed, 7, tp.index), 1,
             temperature=0.0 if cfg.eval.greedy else cfg.eval.temperature, gym_seed_base=8,
         )
-        records = [{"choices": t.turn_choices, "rewards": t.turn_rewards, "success": t.success} for t in trajs]
+        if tp.is_leader:  # the group's other ranks hold the same episodes
+            records = [{"choices": t.turn_choices, "rewards": t.turn_rewards, "success": t.success} for t in trajs]
     s.engine.sleep()
     episodes = [r for part in gather_objects(records) for r in part]
     return {"step": step, **summarize(episodes, max_k=cfg.eval.max_k)}
@@ -460,11 +471,13 @@ def make_engine(cfg: Config, model_path: Path, env: DistEnv) -> GenerationEngine
 
 
 def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedTokenizerBase) -> RLSetup:
-    """Tasks, the sharded policy (and frozen reference for KL), optimiser, schedule and engine."""
+    """Tasks, the sharded policy (and frozen reference for KL), optimiser, schedule, tensor-parallel group and
+    engine."""
     if cfg.train.mini_batch_size % env.world_size:
         raise ValueError(
             f"train.mini_batch_size ({cfg.train.mini_batch_size}) must divide by the world size ({env.world_size})"
         )
+    tp_group = TPGroup.create(cfg.rollout.tensor_parallel_size)
     train_tasks = config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
     eval_tasks = config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
     policy = load_policy(model_path, cfg.model, env)
@@ -476,7 +489,7 @@ def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedToke
     scheduler = build_scheduler(optimizer, cfg.optim, updates)
     engine = make_engine(cfg, model_path, env)
     return RLSetup(cfg, env, tokenizer, policy, ref_policy, optimizer, scheduler, engine, gym_factory(cfg),
-                   train_tasks, eval_tasks)
+                   train_tasks, eval_tasks, tp_group)
 
 
 def _trainer_state(s: RLSetup, state: RLState) -> dict[str, Any]:
@@ -554,6 +567,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]
     ``checkpoint.resume=false`` the RL stage's outputs go first (SFT clears its own): a run killed during
     SFT must not later resume RL from an older run's checkpoints."""
     env = start_run(cfg, "train")
+    check_tp_size(cfg.rollout.tensor_parallel_size, env.world_size)  # before SFT, which does not need it
     run_dir = Path(cfg.run_dir)
     if not cfg.checkpoint.resume:
         remove_outputs([run_dir / CHECKPOINT_DIR, run_dir / FINAL_MODEL_DIR, run_dir / EVALS_FILE])

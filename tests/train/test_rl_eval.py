@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from bao_fast.config import load_config
+from bao_fast.rollout import TPGroup
 from bao_fast.train import rl
 
 pytestmark = pytest.mark.usefixtures("single_rank_world")
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_rank_world")
 def fake_setup(overrides: list[str]) -> SimpleNamespace:
     cfg = load_config(None, ["model.tiny=true", "eval.num_tasks=3", *overrides])
     return SimpleNamespace(cfg=cfg, env=SimpleNamespace(rank=0, world_size=1), eval_tasks=["t0", "t1", "t2"],
-                           engine=SimpleNamespace(sleep=lambda: None))
+                           engine=SimpleNamespace(sleep=lambda: None), tp_group=TPGroup.create(1))
 
 
 @pytest.mark.parametrize(("overrides", "temperature"), [

@@ -1,0 +1,82 @@
+"""``rollout.tensor_parallel_size=2`` under ``torchrun --nproc_per_node 2`` (one tensor-parallel vLLM group of
+both ranks, FSDP data-parallel over both) against ``tensor_parallel_size=1`` on a single rank, same config.
+
+(a) both ranks submit the same prompts and roll out the same episodes, though the gym's feedback names the rank
+that stepped it (only the group's leader steps the gyms); (b) each rank trains on its own whole GRPO groups and
+together they train on every episode once; (c) the step's metrics and the greedy evaluation equal the
+single-rank run's (seeded sampling on the same logits up to round-off: the same tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_worker
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+GROUP_SIZE = 2
+PROMPTS = 2
+CONFIG = [
+    "env.name=rankecho", "env.max_turns=2", "algo.shaping.horizon=2", "env.num_train_tasks=4",
+    "env.num_eval_tasks=2", "eval.num_tasks=2", "eval.max_k=2", "sft.enabled=false", "rollout.engine=vllm",
+    f"rollout.group_size={GROUP_SIZE}", f"rollout.prompts_per_step={PROMPTS}", "rollout.max_turn_tokens=8",
+    "rollout.max_model_len=256", "rollout.env_workers=1", "train.mini_batch_size=2", "train.micro_batch_tokens=256",
+    "optim.lr=1e-3", "logging.progress=false",
+]
+EXACT = ("reward", "success_rate", "ur", "turns", "response_tokens_per_turn", "tokens_total",
+         "context_limit_fraction", "gym_error_fraction", "actor/skipped_updates", "actor/lr")
+CLOSE = ("score_shaped_mean", "advantage_abs_mean", "actor/loss", "actor/clipfrac", "actor/approx_kl",
+         "actor/grad_norm")
+
+
+def run(tmp: Path, name: str, tp: int, nproc: int) -> list[dict]:
+    out = tmp / f"{name}.json"
+    overrides = [*CONFIG, "model.tiny=true", f"model.path={tmp / 'model'}", f"run_dir={tmp / name}",
+                 f"rollout.tensor_parallel_size={tp}"]
+    run_worker("_tp_worker.py", [json.dumps(overrides), str(out)], nproc=nproc, timeout=240)
+    return json.loads(out.read_text())["ranks"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+    tmp = tmp_path_factory.mktemp("tp")
+    return run(tmp, "tp2", tp=2, nproc=2), run(tmp, "tp1", tp=1, nproc=1)
+
+
+def test_ranks_of_a_group_roll_out_identically(runs) -> None:
+    (r0, r1), _ = runs
+    assert r0["tp_index"] == r1["tp_index"] == 0
+    assert len(r0["prompts"]) == 4 and r0["prompts"] == r1["prompts"]  # eval and train: 2 rounds each
+    assert r0["rollouts"] == r1["rollouts"]
+    second_turn = r0["rollouts"][1][0]["messages"][3]["content"]
+    assert second_turn.startswith("Rank 0 heard"), second_turn  # rank 1's gyms never ran
+    assert r0["gym_steps"] > 0 and r1["gym_steps"] == 0
+
+
+def test_each_episode_is_trained_once_in_whole_groups(runs) -> None:
+    (r0, r1), _ = runs
+    rollout = [t["task"] for t in r0["rollouts"][1]]
+    assert len(rollout) == PROMPTS * GROUP_SIZE
+    mine0, mine1 = ([task for task, _ in r["trained"]] for r in (r0, r1))
+    assert mine0 + mine1 == rollout  # the group's episodes, split in order, none twice
+    assert not set(mine0) & set(mine1)  # a GRPO group lives on one rank
+    for r in (r0, r1):
+        assert all(n == GROUP_SIZE for n in Counter(gid for _, gid in r["trained"]).values())
+
+
+def test_metrics_equal_a_single_rank_run(runs) -> None:
+    (r0, r1), (single,) = runs
+    assert single["rollouts"] == r0["rollouts"]
+    for key in EXACT:
+        assert r0["metrics"][key] == r1["metrics"][key] == single["metrics"][key], key
+    for key in CLOSE:
+        assert r0["metrics"][key] == r1["metrics"][key], key  # summed over ranks: the same on both
+        assert r0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert r0["eval"] == r1["eval"] == single["eval"]
+    assert r0["eval"]["num_episodes"] == 2
