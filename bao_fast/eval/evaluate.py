@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -36,18 +35,16 @@ from transformers import PreTrainedTokenizerBase
 
 from bao_fast.cli import UsageError
 from bao_fast.config import Config, ConfigError, load_config
-from bao_fast.envs import Gym, StepResult, make_gym, make_tasks, needs_user_simulator
+from bao_fast.envs import Gym, make_gym, make_tasks, needs_user_simulator
 from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError
 from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
 from bao_fast.rollout import GenerationEngine, GenerationParams, Trajectory, run_episodes
-from bao_fast.rollout.agent_loop import end_reason_of, reset_gym
+from bao_fast.rollout.agent_loop import end_reason_of, reset_gym, step_gym
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
 SUMMARY_MD_FILE = "summary.md"
-
-logger = logging.getLogger(__name__)
 
 
 def eval_tasks(cfg: Config) -> list[Any]:
@@ -145,18 +142,6 @@ def evaluate_model(
     )
 
 
-def _step(gym: Gym, text: str, task_id: str) -> StepResult | None:
-    """``gym.step(text)``, or None when a gym bug raised (logged); a ``UserSimulatorError`` propagates."""
-    try:
-        return gym.step(text)
-    except UserSimulatorError:
-        raise
-    except Exception as exc:
-        logger.warning("gym %s raised on task %s; the episode ends (gym_error)", type(gym).__name__, task_id,
-                       exc_info=exc)
-        return None
-
-
 _ENDPOINT_NOTE = "raised by the agent endpoint being evaluated (--endpoint / --model), not by a user simulator"
 
 
@@ -202,8 +187,8 @@ def _endpoint_episode(
             traj.end_reason = "context_limit"
             break
         traj.messages.append({"role": "assistant", "content": reply.content})
-        result = _step(gym, reply.content, traj.task_id)
-        if result is None:
+        result = step_gym(gym, traj.task_id, reply.content)
+        if isinstance(result, Exception):
             traj.turn_choices.append("invalid")
             traj.turn_rewards.append(0.0)
             traj.turn_is_answer.append(False)

@@ -83,7 +83,7 @@ class _Episode:
         self.traj.turn_is_answer.append(is_answer)
 
 
-def _step(gym: Gym, task_id: str, text: str) -> StepResult | RuntimeError:
+def step_gym(gym: Gym, task_id: str, text: str) -> StepResult | RuntimeError:
     """``gym.step(text)``, or (logged) the type and message of the exception a gym bug raised, as a picklable
     RuntimeError; a ``UserSimulatorError`` propagates."""
     try:
@@ -100,7 +100,7 @@ def _step_all(
     pool: ThreadPoolExecutor, stepping: list[tuple[_Episode, Generation, str]]
 ) -> list[StepResult | RuntimeError]:
     """Step the gym of every ``(episode, generation, text)`` with its text, in ``pool``; results in order."""
-    return list(pool.map(lambda item: _step(item[0].gym, item[0].traj.task_id, item[2]), stepping))
+    return list(pool.map(lambda item: step_gym(item[0].gym, item[0].traj.task_id, item[2]), stepping))
 
 
 def reset_gym(gym: Gym, task: Any, seed: int | None, index: int) -> list[dict[str, str]]:
