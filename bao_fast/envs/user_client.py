@@ -9,6 +9,7 @@ errors, timeouts, HTTP 429 and 5xx) are retried with exponential back-off; anyth
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -19,7 +20,9 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ChatCompletion", "ClientStats", "UserSimulatorClient", "UserSimulatorError"]
+__all__ = ["ChatCompletion", "ClientStats", "UserSimulatorClient", "UserSimulatorError", "unserved_model"]
+
+logger = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 """HTTP statuses that are retried; every other non-2xx status fails at once."""
@@ -75,6 +78,18 @@ def _api_root(base_url: str) -> str:
     if not url.host:
         raise ValueError(f"base_url has no host: {base_url!r}")
     return str(url) if url.path not in ("", "/") else str(url.copy_with(path="/v1"))
+
+
+def unserved_model(base_url: str, model: str, api_key: str | None = None) -> str | None:
+    """Why the OpenAI-compatible server at ``base_url`` cannot answer requests for ``model`` (it lists other
+    models), or None when it lists ``model`` or cannot be asked (not up yet, no ``/models``: logged)."""
+    with UserSimulatorClient(base_url, model, api_key=api_key, max_retries=0) as client:
+        try:
+            served = client.served_models()
+        except UserSimulatorError as exc:
+            logger.warning("could not check that %s serves %r: %s", base_url, model, exc)
+            return None
+    return None if model in served else f"the server at {base_url} serves {sorted(served)}, not {model!r}"
 
 
 def _retry_after(response: httpx.Response) -> float | None:

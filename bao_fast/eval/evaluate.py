@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from bao_fast.cli import UsageError
 from bao_fast.config import Config, ConfigError, load_config
 from bao_fast.envs import Gym, make_gym, make_tasks, needs_user_simulator
-from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError
+from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError, unserved_model
 from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
 from bao_fast.rollout import GenerationEngine, GenerationParams, Trajectory, run_episodes
@@ -76,6 +76,22 @@ def gym_factory(cfg: Config, client: UserSimulatorClient | None = None) -> Calla
         if not env.user_thinking:
             kwargs["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}
     return lambda: make_gym(env.name, **kwargs)
+
+
+def check_servers(cfg: Config, stage: str) -> None:
+    """ConfigError when a configured OpenAI-compatible server (the LLM user simulator, the SFT teacher) does
+    not serve the configured model: found now, not after the engine has loaded and the first request fails
+    (``stage``: ``sft``; ``train``, whose SFT runs when ``sft.enabled``; ``eval``, which needs no teacher).
+    A server that cannot be asked (not up yet, no ``/models``) only gets a warning."""
+    servers = []
+    if needs_user_simulator(cfg.env.name) and cfg.env.user_base_url:
+        servers.append((cfg.env.user_base_url, cfg.env.user_model, "env.user_model"))
+    if (stage == "sft" or (stage == "train" and cfg.sft.enabled)) and cfg.sft.teacher == "llm":
+        servers.append((cfg.sft.teacher_base_url, cfg.sft.teacher_model, "sft.teacher_model"))
+    for base_url, model, key in servers:
+        problem = unserved_model(base_url, model, api_key=os.environ.get("OPENAI_API_KEY"))
+        if problem is not None:
+            raise ConfigError(f"config key '{key}': {problem}")
 
 
 def episode_seeds(cfg: Config) -> list[int]:
@@ -323,6 +339,10 @@ def run(args: argparse.Namespace) -> int:
     if args.endpoint is not None and not args.model:
         raise UsageError("--endpoint needs --model NAME")
     cfg = _config(args)
+    check_servers(cfg, "eval")
+    if args.endpoint is not None and (problem := unserved_model(args.endpoint, args.model,
+                                                                 os.environ.get(args.api_key_env))):
+        raise UsageError(f"--model: {problem}")
     warning = repeated_seeds_warning(cfg)
     if warning:
         print(f"bao-fast eval: warning: {warning}", file=sys.stderr)

@@ -4,8 +4,6 @@ collectives that keep ranks in lock-step (FSDP needs every rank to run the same 
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import random
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,13 +14,12 @@ import torch.distributed as dist
 import yaml
 
 from bao_fast.config import Config, ConfigError, ModelConfig, resume_conflicts, save_config
-from bao_fast.envs import TASKS, make_tasks, needs_user_simulator
-from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError
+from bao_fast.envs import TASKS, make_tasks
+from bao_fast.eval.evaluate import check_servers
 from bao_fast.models import TinyModelSpec, create_tiny_model
 from bao_fast.train.fsdp import DistEnv, init_distributed
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
 
 
 def derive_seed(*parts: int) -> int:
@@ -166,27 +163,6 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
     changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in conflicts[:5])
     return (f"config key '{conflicts[0][0]}': run_dir {str(run_dir)!r} holds a run with another config ({changes}); "
             "rerun with its config to resume it, or start over with checkpoint.resume=false or a new run_dir")
-
-
-def check_servers(cfg: Config, stage: str) -> None:
-    """ConfigError when a configured OpenAI-compatible server (the LLM user simulator, the SFT teacher) does
-    not serve the configured model: found now, not after the engine has loaded and the first request fails
-    (``stage``: ``sft``, or ``train``, whose SFT runs when ``sft.enabled``).
-    A server that cannot be asked (not up yet, no ``/models``) only gets a warning."""
-    servers = []
-    if needs_user_simulator(cfg.env.name) and cfg.env.user_base_url:
-        servers.append((cfg.env.user_base_url, cfg.env.user_model, "env.user_model"))
-    if (stage == "sft" or cfg.sft.enabled) and cfg.sft.teacher == "llm":
-        servers.append((cfg.sft.teacher_base_url, cfg.sft.teacher_model, "sft.teacher_model"))
-    for base_url, model, key in servers:
-        with UserSimulatorClient(base_url, model, api_key=os.environ.get("OPENAI_API_KEY"), max_retries=0) as client:
-            try:
-                served = client.served_models()
-            except UserSimulatorError as exc:
-                logger.warning("could not check that the server for %s serves %r: %s", key, model, exc)
-                continue
-        if model not in served:
-            raise ConfigError(f"config key '{key}': the server at {base_url} serves {sorted(served)}, not {model!r}")
 
 
 def model_path(cfg: Config) -> Path:

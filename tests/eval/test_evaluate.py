@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bao_fast.cli import UsageError
-from bao_fast.config import load_config
+from bao_fast.config import ConfigError, load_config
 from bao_fast.envs import FunctionGym, FunctionTask, Outcome, ToolCall
 from bao_fast.envs.user_client import ChatCompletion, UserSimulatorClient, UserSimulatorError
 from bao_fast.eval import evaluate
@@ -310,3 +310,14 @@ def test_default_label_tells_runs_apart(tmp_path: Path) -> None:
     ]
     assert labels == ["bao/final-model", "grpo/final-model"]
     assert evaluate.default_label(_args(["--endpoint", "http://x", "--model", "Qwen/Qwen3-8B"])) == "Qwen/Qwen3-8B"
+
+
+def test_cli_checks_the_served_models_before_playing(openai_stub, tmp_path: Path) -> None:
+    """The agent endpoint must serve --model, the user simulator env.user_model; nothing is played otherwise."""
+    base = ["--endpoint", openai_stub.url, "--num-tasks", "1", "--out", str(tmp_path / "x")]
+    with pytest.raises(UsageError, match=rf"--model: the server at {openai_stub.url} serves \['stub'\], not 'gpt-x'"):
+        _cli([*base, "--model", "gpt-x"])
+    llm_user = ["env.name=telepathy", f"env.user_base_url={openai_stub.url}", "env.user_model=sim"]
+    with pytest.raises(ConfigError, match=r"'env.user_model': the server at .* serves \['stub'\], not 'sim'"):
+        _cli([*base, "--model", "stub", *llm_user])
+    assert openai_stub.requests == [] and not (tmp_path / "x").exists()

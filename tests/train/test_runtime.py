@@ -78,4 +78,4 @@ def test_preflight_checks_the_models_the_servers_serve(openai_stub, tmp_path, ca
     assert preflight(load_config(None, [*teacher, "sft.enabled=false"]), 1, "train") is None  # no SFT, no teacher
     down = load_config(None, [*user[:6], "env.user_base_url=http://127.0.0.1:9", "env.user_model=m"])
     assert preflight(down, 1, "train") is None  # not up yet: warned, not refused
-    assert "could not check that the server for env.user_model serves 'm'" in caplog.text
+    assert "could not check that http://127.0.0.1:9 serves 'm'" in caplog.text
