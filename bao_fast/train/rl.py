@@ -52,7 +52,6 @@ from bao_fast.eval.metrics import summarize
 from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
 from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, TPGroup, Trajectory, run_episodes
-from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
@@ -567,7 +566,6 @@ def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]
     ``checkpoint.resume=false`` the RL stage's outputs go first (SFT clears its own): a run killed during
     SFT must not later resume RL from an older run's checkpoints."""
     env = start_run(cfg, "train")
-    check_tp_size(cfg.rollout.tensor_parallel_size, env.world_size)  # before SFT, which does not need it
     run_dir = Path(cfg.run_dir)
     if not cfg.checkpoint.resume:
         remove_outputs([run_dir / CHECKPOINT_DIR, run_dir / FINAL_MODEL_DIR, run_dir / EVALS_FILE])

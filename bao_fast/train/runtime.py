@@ -17,6 +17,7 @@ from bao_fast.config import Config, ConfigError, ModelConfig, resume_conflicts, 
 from bao_fast.envs import TASKS, make_tasks
 from bao_fast.eval.evaluate import check_servers
 from bao_fast.models import TinyModelSpec, create_tiny_model
+from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.train.fsdp import DistEnv, init_distributed
 
 T = TypeVar("T")
@@ -150,6 +151,7 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
             if cfg.train.mini_batch_size % world_size:
                 raise ConfigError(f"config key 'train.mini_batch_size' ({cfg.train.mini_batch_size} prompts) must "
                                   f"divide by the world size ({world_size})")
+            check_tp_size(cfg.rollout.tensor_parallel_size, world_size)
             config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
     except ConfigError as exc:
         return str(exc)

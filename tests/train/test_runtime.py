@@ -50,6 +50,8 @@ def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_pat
     assert preflight(cfg, 1, "train") is None
     assert "'train.mini_batch_size' (4 prompts) must divide by the world size (3)" in preflight(cfg, 3, "train")
     assert preflight(cfg, 3, "sft") is None  # SFT has no prompt mini-batches
+    tp = load_config(None, [*base, "rollout.tensor_parallel_size=4"])
+    assert "'rollout.tensor_parallel_size' (4) must divide the world size (2)" in preflight(tp, 2, "train")
     missing = load_config(None, [*base, "model.tiny=false", f"model.path={tmp_path}/none"])
     assert "'model.path'" in preflight(missing, 1, "train")
     save_config(cfg, tmp_path / CONFIG_FILE)
@@ -60,6 +62,8 @@ def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_pat
     assert problem.startswith("config key 'algo.name': run_dir") and "algo.name: 'bao' -> 'grpo'" in problem
     assert "train.steps" not in problem and "logging" not in problem  # a resumed run may change these
     assert preflight(load_config(None, [*base, "train.steps=500"]), 1, "train") is None
+    resources = load_config(None, [*base, "rollout.tensor_parallel_size=2", "rollout.env_workers=2"])
+    assert preflight(resources, 2, "train") is None  # a resumed run may change how it uses the machine
     assert preflight(load_config(None, [*base, "algo.name=grpo", "checkpoint.resume=false"]), 1, "train") is None
 
 
