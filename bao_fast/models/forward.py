@@ -18,8 +18,14 @@ from bao_fast.data.packed import PackedBatch
 from bao_fast.models.varlen_attention import enable_varlen_attention, varlen_forward
 from bao_fast.ops.logprobs import token_logprobs
 
-# Config keys of heads that post-process the logits in ways token_logprobs does not reproduce.
-_UNSUPPORTED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Config keys of heads that post-process the logits in ways token_logprobs does not reproduce, with the value
+# that leaves the logits as they are: Gemma-2/3 soft-cap ``c * tanh(z / c)`` unless None, Cohere multiplies by
+# ``logit_scale``, Granite divides by ``logits_scaling``.
+_UNSUPPORTED_HEAD_KEYS: dict[str, float | None] = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+}
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -36,10 +42,15 @@ def backbone(model: nn.Module) -> nn.Module:
 def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight [V, H], bias [V] or None)`` of the output embedding; raises on unsupported logit transforms."""
     config = getattr(model, "config", None)
-    for key in _UNSUPPORTED_HEAD_KEYS:
-        value = getattr(config, key, None)
-        if value is not None and value != 1.0:
-            raise ValueError(f"model config {key}={value} transforms the logits; token_logprobs does not support it")
+    get_text_config = getattr(config, "get_text_config", None)
+    configs = (config, get_text_config()) if callable(get_text_config) else (config,)  # + a composite's text model
+    for key, identity in _UNSUPPORTED_HEAD_KEYS.items():
+        for cfg in configs:
+            value = getattr(cfg, key, identity)
+            if value != identity:
+                raise ValueError(
+                    f"model config {key}={value} transforms the logits; token_logprobs does not support it"
+                )
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"model {type(model).__name__} has no output embedding with a weight")

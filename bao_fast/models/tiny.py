@@ -1,20 +1,39 @@
-"""Tiny Qwen2-shaped causal LMs with random weights, written as HF checkpoints that vLLM and
-transformers both load, plus the byte-level tokenizer shipped in ``bao_fast/assets/tokenizer``."""
+"""Tiny random-weight causal LMs (Qwen2 by default; Qwen3, Llama-3, Mistral on request), written as HF
+checkpoints that vLLM and transformers both load, plus the byte-level tokenizer shipped in
+``bao_fast/assets/tokenizer``."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
+
+#: ``create_tiny_model``'s architectures: their config class, and config keys beyond the spec's.
+ARCHITECTURES: dict[str, type[PretrainedConfig]] = {
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,  # q_norm / k_norm; head_dim independent of hidden_size / heads
+    "llama": LlamaConfig,  # Llama-3.1 RoPE ("llama3" frequency scaling)
+    "mistral": MistralConfig,  # the class default sliding_window (4096), as Mistral-7B-v0.1 ships
+}
 
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape of a tiny Qwen2 model. head_dim 64: vLLM's CPU attention rejects head dims under 32."""
+    """Shape of a tiny model. head_dim 64: vLLM's CPU attention rejects head dims under 32."""
 
     hidden_size: int = 128
     num_hidden_layers: int = 2
@@ -31,30 +50,44 @@ def load_tokenizer(path: str | Path = TOKENIZER_DIR) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def create_tiny_model(
-    out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Path:
-    """Write a random-weight Qwen2ForCausalLM and the tokenizer to ``out_dir``; returns the path.
+def _rope_parameters(arch: str, spec: TinyModelSpec) -> dict[str, Any]:
+    if arch == "llama":  # Llama-3.1's scaling, its context ``factor`` times the original one
+        return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": spec.max_position_embeddings // 8}
+    return {"rope_type": "default", "rope_theta": 10000.0}
 
-    Idempotent: an existing checkpoint with the same spec and seed is reused.
+
+def create_tiny_model(
+    out_dir: str | Path,
+    spec: TinyModelSpec = TinyModelSpec(),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    arch: str = "qwen2",
+) -> Path:
+    """Write a random-weight ``*ForCausalLM`` of ``arch`` (a key of ``ARCHITECTURES``) and the tokenizer to
+    ``out_dir``; returns the path.
+
+    Idempotent: an existing checkpoint with the same spec, seed, dtype and arch is reused.
     """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     out = Path(out_dir)
     marker = out / "tiny_spec.txt"
-    fingerprint = f"{asdict(spec)} seed={seed} dtype={dtype}"
+    fingerprint = f"{asdict(spec)} seed={seed} dtype={dtype} arch={arch}"
     if marker.exists() and marker.read_text() == fingerprint:
         return out
     tokenizer = load_tokenizer()
-    config = Qwen2Config(
+    config = ARCHITECTURES[arch](
         vocab_size=len(tokenizer),
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        rope_theta=10000.0,
+        rope_parameters=_rope_parameters(arch, spec),
         torch_dtype=dtype,
         **asdict(spec),
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(dtype)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     model.generation_config.save_pretrained(out)

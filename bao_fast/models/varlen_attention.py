@@ -216,7 +216,8 @@ def enable_varlen_attention(model: nn.Module) -> bool:
     """Switch ``model`` (a transformers ``PreTrainedModel``) to the varlen counterpart of its attention.
 
     Returns True when the model now runs a varlen implementation; False (model unchanged) when its attention
-    does not go through transformers' attention interface, is not sdpa / eager, or has sliding-window layers.
+    does not go through transformers' attention interface, is not sdpa / eager, or its decoder (the text model
+    of a composite model) has sliding-window layers or soft-capped attention logits.
     Without ``varlen_seq_lens`` the model computes exactly what it did before.
     """
     config = getattr(model, "config", None)
@@ -227,13 +228,14 @@ def enable_varlen_attention(model: nn.Module) -> bool:
         return True
     if impl not in VARLEN_IMPLEMENTATIONS or not getattr(model, "_supports_attention_backend", False):
         return False
-    layer_types = getattr(config, "layer_types", None)
+    text_config = config.get_text_config()  # the decoder's own config (itself, unless the model is composite)
+    layer_types = getattr(text_config, "layer_types", None)
     if layer_types is not None:
         if any(t != "full_attention" for t in layer_types):
             return False
-    elif getattr(config, "sliding_window", None) is not None:
+    elif getattr(text_config, "sliding_window", None) is not None:
         return False
-    if getattr(config, "attn_logit_softcapping", None) is not None:
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
         return False
     config._attn_implementation = VARLEN_IMPLEMENTATIONS[impl]
     return True

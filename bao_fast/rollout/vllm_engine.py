@@ -26,6 +26,9 @@
 * Weight sync pushes every tensor in **one** ``reload_weights`` call fed by a bucketed generator
   (``bao_fast.rollout.weight_sync``): vLLM reloads layer by layer and fuses q/k/v and gate/up, so a layer
   split across two reload calls would be re-initialised half-empty. The prefix cache is reset after.
+  A tied LM head (``tie_word_embeddings``: the head shares the embedding's parameter, which alone is pushed)
+  gets no weights of its own in that reload, so vLLM never re-processes it: on the CPU it would keep
+  computing logits from the weight it packed at start-up. ``load_weights`` re-processes such heads.
 * Log-probs are vLLM's ``processed_logprobs`` (after temperature / top-p), i.e. the sampling
   distribution, matching ``bao_fast.ops.token_logprobs(..., temperature=T)`` of the same weights.
 """
@@ -81,6 +84,28 @@ def check_context_length(model_path: str | Path, max_model_len: int) -> None:
             f"config key 'rollout.max_model_len' ({max_model_len}) exceeds the context of {str(model_path)!r} "
             f"({positions} positions): lower it (and rollout.max_turn_tokens) or pass a config that does"
         )
+
+
+def reprocess_tied_embeddings(worker: Any) -> int:
+    """Re-run weight post-processing on every unquantized (vocab) embedding layer whose weight is shared with
+    another one, i.e. the LM head tied to the input embedding; returns the number of such layers.
+
+    vLLM-CPU packs a copy of the LM-head weight for its GEMM when the head is processed; a layer-wise reload
+    processes only the layers it loads weights into, and a tied head is never loaded (its checkpoint name is
+    skipped), so without this its logits keep using the start-up weight. Off the CPU the processing does
+    nothing (the GPU head reads the shared weight), so it is run everywhere.
+    Runs on the engine's worker (``collective_rpc``).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    sharing: dict[int, list[nn.Module]] = {}
+    for module in worker.get_model().modules():
+        if isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            sharing.setdefault(id(module.weight), []).append(module)
+    tied = [module for group in sharing.values() if len(group) > 1 for module in group]
+    for module in tied:
+        module.quant_method.process_weights_after_loading(module)
+    return len(tied)
 
 
 class VLLMEngine:
@@ -211,12 +236,14 @@ class VLLMEngine:
         self._asleep = not awake
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy HF-named full tensors into the engine in one ``reload_weights`` call; reset the prefix cache.
+        """Copy HF-named full tensors into the engine in one ``reload_weights`` call, re-process tied LM heads
+        (``reprocess_tied_embeddings``), reset the prefix cache.
 
         ``named_tensors`` may be lazy; it is consumed exactly once, in order.
         """
         weights: Iterator[tuple[str, Tensor]] = iter(named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc(reprocess_tied_embeddings)  # a no-op where the head reads the shared weight
         self.llm.reset_prefix_cache()
         self._weights_stale = False
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from bao_fast.config import ModelConfig
 from bao_fast.data.packed import PackedBatch
-from bao_fast.models.forward import packed_token_logprobs
+from bao_fast.models.forward import backbone, packed_token_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,11 +148,12 @@ def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
 
 
 def decoder_layers(hf: PreTrainedModel) -> nn.ModuleList:
-    """The decoder-layer list of a HF causal LM (``model.layers`` in Qwen/Llama-style models)."""
-    backbone = getattr(hf, hf.base_model_prefix, None)
-    layers = getattr(backbone, "layers", None)
+    """The decoder-layer list of a HF causal LM: ``layers`` of its decoder stack (``backbone``), e.g.
+    ``model.layers`` of Qwen / Llama / Mistral, ``model.language_model.layers`` of Gemma-3 (multimodal)."""
+    decoder = backbone(hf)
+    layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(hf).__name__}: cannot find the decoder layers at '{hf.base_model_prefix}.layers'")
+        raise TypeError(f"{type(hf).__name__}: its decoder {type(decoder).__name__} has no 'layers' ModuleList")
     return layers
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bao_fast.models import TinyModelSpec, create_tiny_model, load_tokenizer
+from bao_fast.models.tiny import ARCHITECTURES
 
 
 def test_tokenizer_chat_template_and_markup_tokens() -> None:
@@ -44,3 +46,23 @@ def test_create_tiny_model_round_trips_and_is_idempotent(tmp_path: Path) -> None
 
     other = AutoModelForCausalLM.from_pretrained(create_tiny_model(tmp_path / "n", spec=spec, seed=4))
     assert not torch.equal(model.lm_head.weight, other.lm_head.weight)  # the seed matters
+
+
+def test_create_tiny_model_architectures(tmp_path: Path) -> None:
+    spec = TinyModelSpec(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    expected = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                "mistral": "MistralForCausalLM"}
+    assert sorted(ARCHITECTURES) == sorted(expected)
+    for arch, cls in expected.items():
+        model = AutoModelForCausalLM.from_pretrained(create_tiny_model(tmp_path / arch, spec=spec, arch=arch))
+        attn = model.model.layers[0].self_attn
+        assert type(model).__name__ == cls and model.config.vocab_size == 2048
+        assert attn.q_proj.weight.shape == (4 * 64, 128)  # head_dim 64 whatever hidden_size / heads give
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert hasattr(attn, "q_norm") == (arch == "qwen3")
+        assert model.config.rope_parameters["rope_type"] == ("llama3" if arch == "llama" else "default")
+        assert getattr(model.config, "sliding_window", None) == (4096 if arch == "mistral" else None)
+    default = AutoModelForCausalLM.from_pretrained(create_tiny_model(tmp_path / "default"))
+    assert type(default).__name__ == "Qwen2ForCausalLM" and not default.config.tie_word_embeddings
+    with pytest.raises(ValueError, match="arch must be one of"):
+        create_tiny_model(tmp_path / "x", arch="gemma2")

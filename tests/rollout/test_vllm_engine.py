@@ -4,6 +4,7 @@ sampling, stops and limits, weight sync (outputs follow new weights, no stale pr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -143,7 +144,10 @@ class _RecordingLLM:
         self.calls.append(("wake_up", tags))
         return tags is None or "kv_cache" in tags
 
-    def collective_rpc(self, method: str, kwargs: dict) -> list[None]:
+    def collective_rpc(self, method: str | Callable, kwargs: dict | None = None) -> list[object]:
+        if callable(method):  # a function run on the worker: recorded by name
+            self.calls.append((method.__name__,))
+            return [0]
         self.calls.append((method, kwargs["is_checkpoint_format"]))
         self.loaded += [name for name, _ in kwargs["weights_iterator"]]
         return [None]
@@ -171,6 +175,7 @@ def test_level2_wake_requires_weight_push_before_generate(reference):
         ("sleep", 2),
         ("wake_up", ["weights"]),
         ("reload_weights", True),
+        ("reprocess_tied_embeddings",),
         ("reset_prefix_cache",),
         ("wake_up", ["kv_cache"]),
     ]
