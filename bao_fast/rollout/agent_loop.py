@@ -171,11 +171,15 @@ def run_episodes(
         raise ValueError(f"max_model_len {limit} exceeds the engine's max_model_len {engine.max_model_len}")
     fmt = ChatFormat.from_tokenizer(tokenizer)
     lead = tp_group.from_leader if tp_group is not None else (lambda fn: fn())
-    stepper = tp_group is None or tp_group.is_leader
     seed_of = [None if seeds is None else int(seeds[i]) for i in range(len(tasks))]
     slots = [i for i in range(len(tasks)) for _ in range(group_size)]  # episode -> task index
-    gyms = [gym_factory() if stepper else None for _ in slots]
-    openings = lead(lambda: [reset_gym(gym, tasks[i], seed_of[i], i) for gym, i in zip(gyms, slots)])
+    gyms: list[Gym | None] = [None] * len(slots)
+
+    def open_episodes() -> list[list[dict[str, str]]]:  # the leader's gyms; their errors reach the whole group
+        gyms[:] = [gym_factory() for _ in slots]
+        return [reset_gym(gym, tasks[i], seed_of[i], i) for gym, i in zip(gyms, slots)]
+
+    openings = lead(open_episodes)
     episodes: list[_Episode] = []
     for gym, i, messages in zip(gyms, slots, openings):
         prompt = fmt.prompt_ids(messages)
@@ -191,6 +195,8 @@ def run_episodes(
                 break
             turn_params = params if params.seed is None else replace(params, seed=params.seed + turn * len(episodes))
             gens = engine.generate([ep.prompt for ep in live], turn_params)
+            if tp_group is not None:  # a diverging rank must fail this round, not desynchronise the next one
+                tp_group.check_identical([g.token_ids for g in gens])
             stepping: list[tuple[_Episode, Generation, str]] = []
             for ep, raw in zip(live, gens):
                 gen, cut = _fit_to_context(raw, limit - len(ep.prompt))

@@ -98,15 +98,21 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def remove_outputs(paths: Iterable[str | Path]) -> None:
-    """Collectively delete ``paths`` (directories or files; missing ones are fine): rank 0 deletes, then every
-    rank passes a barrier. Failures raise: a stale checkpoint left behind would outrank the new run's."""
+    """Collectively delete ``paths`` (directories or files; missing ones are fine): rank 0 deletes, the others
+    wait. A failure raises CheckpointError on every rank: a stale checkpoint left behind would outrank the new
+    run's."""
+    mine: str | None = None
     if dist.get_rank() == 0:
-        for path in map(Path, paths):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    dist.barrier()
+        try:
+            for path in map(Path, paths):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            mine = _describe(exc)
+    if (failure := _first_failure(mine)) is not None:  # every rank raises, none waits in a barrier
+        raise CheckpointError(f"could not remove the earlier run's outputs: {failure}")
 
 
 def resume_checkpoint(root: str | Path, resume: bool) -> Path | None:
@@ -247,12 +253,20 @@ def save_checkpoint(
     if (failure := _first_failure(mine)) is not None:
         raise failed("creating its directory", failure)
 
-    mine = None
-    try:
+    mine, state = None, {}
+    try:  # before DCP's own collectives: a rank failing here must not leave the others inside dcp.save
         state = {
             "model": get_model_state_dict(policy),
             "optim": get_optimizer_state_dict(policy, optimizer),
         }
+    except Exception as exc:
+        mine = _describe(exc)
+    if (failure := _first_failure(mine)) is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise failed("gathering its state", failure)
+
+    try:
         dcp.save(state, checkpoint_id=str(tmp))
         _save_rank_file({**trainer_state, "rng": rng_state()}, tmp / f"rank-{rank}.pt")
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException

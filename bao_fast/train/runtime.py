@@ -125,17 +125,39 @@ RESUMABLE_OUTPUTS = (SFT_CHECKPOINT_DIR, SFT_MODEL_DIR, CHECKPOINT_DIR, FINAL_MO
 
 def start_run(cfg: Config, stage: str) -> DistEnv:
     """Join the process group, check what only the run can check (:func:`preflight`), then (rank 0) create
-    ``run_dir`` and write the run's ``config.yaml``. ``stage``: ``sft`` or ``train`` (SFT, then RL)."""
+    ``run_dir`` and write the run's ``config.yaml``, which every rank must then see (:func:`unshared_run_dir`).
+    ``stage``: ``sft`` or ``train`` (SFT, then RL)."""
     env = init_distributed()
     problem = preflight(cfg, env.world_size, stage) if env.is_main else None
     if env.world_size > 1:
         problem = gather_objects(problem)[0]
     if problem is not None:
         raise ConfigError(problem)
+    config_file = Path(cfg.run_dir) / CONFIG_FILE
     if env.is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run_dir) / CONFIG_FILE)
+        save_config(cfg, config_file)
+    if env.world_size > 1:
+        gather_objects(None)  # a barrier: rank 0 has written the file before any rank reads it
+        problem = unshared_run_dir(cfg.run_dir, gather_objects(_digest(config_file)))
+        if problem is not None:
+            raise ConfigError(problem)
     return env
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() if path.is_file() else None
+
+
+def unshared_run_dir(run_dir: str, digests: list[str | None]) -> str | None:
+    """Why ``run_dir`` is not one directory for all ranks, given each rank's digest of the ``config.yaml`` rank 0
+    just wrote there (None: not found), or None. Every rank writes checkpoint shards that rank 0 publishes, so a
+    node-local ``run_dir`` would save checkpoints no run can resume from."""
+    others = [r for r, d in enumerate(digests) if d != digests[0]]
+    if not others:
+        return None
+    return (f"config key 'run_dir': ranks {others} do not see the {CONFIG_FILE} rank 0 wrote in {run_dir!r}; "
+            "run_dir must be on a filesystem that every rank shares")
 
 
 def preflight(cfg: Config, world_size: int, stage: str) -> str | None:

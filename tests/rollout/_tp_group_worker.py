@@ -2,7 +2,8 @@
 
 Every rank builds ``TPGroup.create(2)`` (groups [0, 1] and [2, 3]), exercises its shares, ``from_leader``
 (results, exceptions, what does not pickle), ``check_identical`` and ``run_episodes`` with a scripted engine
-and a gym whose feedback names the rank that stepped it, then writes ``rank<r>.json`` into ``argv[1]``.
+and a gym whose feedback names the rank that stepped it (also with an engine that diverges on one rank, and a
+gym factory that fails on the leader), then writes ``rank<r>.json`` into ``argv[1]``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,25 @@ def main(out_dir: str) -> None:
     tasks = group.group_share(["a", "bug", "c", "d"])
     trajs = run_episodes(engine, tokenizer, lambda: RankGym(max_turns=3), tasks, group_size=2,
                          params=GenerationParams(max_tokens=4), max_turns=3, tp_group=group)
+    class DivergingEngine(EchoEngine):
+        """The group's second rank samples other tokens for the first prompt (a would-be vLLM bug)."""
+
+        def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
+            gens = super().generate(prompts, params)
+            if group.member == 1:
+                gens[0] = Generation([49, 50, self.eos], None, "stop")
+            return gens
+
+    def no_gym() -> Gym:
+        raise ValueError("the gym factory failed")
+
+    def play(engine: Any, factory: Any) -> Any:
+        return run_episodes(engine, tokenizer, factory, tasks, group_size=2, params=GenerationParams(max_tokens=4),
+                            max_turns=3, tp_group=group)
+
     result = {
+        "diverged": outcome(lambda: play(DivergingEngine(tokenizer.eos_token_id), lambda: RankGym(max_turns=3))),
+        "factory_error": outcome(lambda: play(EchoEngine(tokenizer.eos_token_id), no_gym)),
         "bad_tp": bad_tp,
         "group": [group.size, group.index, group.num_groups, group.member, group.is_leader, group.leader_rank],
         "shares": [group.group_share(list(range(8))), group.member_share(list(range(4)))],

@@ -69,6 +69,15 @@ def test_a_group_plays_identical_episodes_stepped_by_its_leader(ranks) -> None:
     assert len(bug) == 2 and all(t[2] == ["action", "invalid"] and t[3] == "gym_error" for t in bug)
 
 
+def test_a_diverging_rank_or_a_failing_gym_factory_fails_the_whole_group_at_once(ranks) -> None:
+    """Both fail in the round they happen on every rank of the group (they used to hang the group)."""
+    for r in ranks:
+        assert r["diverged"]["error"] == "RuntimeError" and "rolled out different episodes" in r["diverged"]["message"]
+        assert r["factory_error"]["error"] == "ValueError" and r["factory_error"]["message"] == "the gym factory failed"
+    assert ranks[0]["factory_error"]["notes"] == [] and ranks[1]["factory_error"]["notes"] == [
+        "raised on rank 0, the leader of this rank's tensor-parallel group"]
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     (["rollout.tensor_parallel_size=0"], "'rollout.tensor_parallel_size' must be >= 1"),
     (["rollout.tensor_parallel_size=2", "rollout.engine=hf"], "'rollout.tensor_parallel_size' must be 1 with"),

@@ -207,6 +207,23 @@ def test_disk_full_during_save_raises_clearly_and_keeps_the_previous_checkpoint(
     assert_restores(t, root / "step-000001", good)
 
 
+def test_failed_state_gather_raises_before_writing(trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank whose optimiser state cannot be gathered (e.g. out of memory) stops every rank before DCP's
+    collectives, instead of leaving the others inside dcp.save."""
+    t, root, good = trained
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ck, "get_optimizer_state_dict", out_of_memory)
+    monkeypatch.setattr(dcp, "save", lambda *a, **k: pytest.fail("dcp.save must not run"))
+    with pytest.raises(CheckpointError, match=r"step-000002 \(gathering its state\): rank 0: RuntimeError: CUDA out"):
+        t.save(root)
+    monkeypatch.undo()
+    assert names(root) == ["step-000001"]
+    assert_restores(t, root / "step-000001", good)
+
+
 def test_failed_save_with_keep_last_one_keeps_the_only_checkpoint(trained, monkeypatch) -> None:
     t, root, good = trained
     _fail_after_dcp_wrote(monkeypatch)

@@ -7,7 +7,7 @@ import pytest
 
 from bao_fast.config import ConfigError, load_config, save_config
 from bao_fast.envs import TASKS, make_tasks
-from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, tiny_spec
+from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, tiny_spec, unshared_run_dir
 
 
 def test_tiny_spec_follows_config() -> None:
@@ -62,8 +62,9 @@ def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_pat
     assert problem.startswith("config key 'algo.name': run_dir") and "algo.name: 'bao' -> 'grpo'" in problem
     assert "train.steps" not in problem and "logging" not in problem  # a resumed run may change these
     assert preflight(load_config(None, [*base, "train.steps=500"]), 1, "train") is None
-    resources = load_config(None, [*base, "rollout.tensor_parallel_size=2", "rollout.env_workers=2"])
-    assert preflight(resources, 2, "train") is None  # a resumed run may change how it uses the machine
+    assert preflight(load_config(None, [*base, "rollout.env_workers=2"]), 1, "train") is None  # resources
+    tp = preflight(load_config(None, [*base, "rollout.tensor_parallel_size=2"]), 2, "train")  # samples other seeds
+    assert tp.startswith("config key 'rollout.tensor_parallel_size': run_dir")
     assert preflight(load_config(None, [*base, "algo.name=grpo", "checkpoint.resume=false"]), 1, "train") is None
 
 
@@ -83,3 +84,10 @@ def test_preflight_checks_the_models_the_servers_serve(openai_stub, tmp_path, ca
     down = load_config(None, [*user[:6], "env.user_base_url=http://127.0.0.1:9", "env.user_model=m"])
     assert preflight(down, 1, "train") is None  # not up yet: warned, not refused
     assert "could not check that http://127.0.0.1:9 serves 'm'" in caplog.text
+
+
+def test_a_run_dir_the_ranks_do_not_share_is_refused() -> None:
+    assert unshared_run_dir("runs/x", ["ab12", "ab12", "ab12"]) is None
+    problem = unshared_run_dir("/scratch/x", ["ab12", None, "ab12", "ffff"])
+    assert problem == ("config key 'run_dir': ranks [1, 3] do not see the config.yaml rank 0 wrote in '/scratch/x'; "
+                       "run_dir must be on a filesystem that every rank shares")
