@@ -51,24 +51,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _init_on_a_free_port(backend: str, attempts: int = 5) -> None:
-    """Create the default group's store on a free local port; a port another process took between the probe
-    and the bind (``EADDRINUSE``, e.g. parallel test workers) is retried on a new one."""
-    for attempt in range(attempts):
-        os.environ["MASTER_PORT"] = str(_free_port())
-        try:
-            dist.init_process_group(backend)
-            return
-        except dist.DistNetworkError as exc:
-            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
-                raise
-
-
 def init_distributed() -> DistEnv:
     """Join (or create) the default process group and build a 1-D data-parallel device mesh.
 
-    Reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; without them, a world of one on a free local
-    port. Backend: nccl when CUDA is available, else gloo. Idempotent.
+    Reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; without them, a world of one. A world of one keeps
+    its store in memory: a TCP store would bind ``MASTER_PORT``, which a child process inherits from a parent
+    whose own store still holds it. Backend: nccl when CUDA is available, else gloo. Idempotent.
     """
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
@@ -77,11 +65,12 @@ def init_distributed() -> DistEnv:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "MASTER_PORT" in os.environ:
-            dist.init_process_group(backend)
+        if int(os.environ["WORLD_SIZE"]) == 1:  # no peer to meet: an in-memory store, no port to bind
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            _init_on_a_free_port(backend)
+            dist.init_process_group(backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
