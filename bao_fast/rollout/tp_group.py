@@ -83,11 +83,11 @@ class TPGroup:
     def group_share(self, items: Sequence[T]) -> list[T]:
         """The group's contiguous share of ``items`` (the same list on all its ranks); ``len(items)`` must
         divide by ``num_groups``."""
-        return _share(items, self.index, self.num_groups)
+        return contiguous_share(items, self.index, self.num_groups)
 
     def member_share(self, items: Sequence[T]) -> list[T]:
         """This member's contiguous share of the group's ``items``; ``len(items)`` must divide by ``size``."""
-        return _share(items, self.member, self.size)
+        return contiguous_share(items, self.member, self.size)
 
     def from_leader(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on the leader only; every rank of the group returns the leader's result, or raises
@@ -138,7 +138,8 @@ def check_tp_size(tp: int, world_size: int) -> None:
         )
 
 
-def _share(items: Sequence[T], part: int, parts: int) -> list[T]:
+def contiguous_share(items: Sequence[T], part: int, parts: int) -> list[T]:
+    """Part ``part`` of ``items`` cut into ``parts`` equal contiguous runs (ValueError unless they divide)."""
     if len(items) % parts:
         raise ValueError(f"{len(items)} items cannot be split evenly into {parts} parts")
     per = len(items) // parts

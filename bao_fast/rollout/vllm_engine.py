@@ -47,6 +47,7 @@ from transformers import AutoConfig
 
 from bao_fast.config import ConfigError, RolloutConfig
 from bao_fast.rollout.engine import Generation, GenerationParams, validate_prompts
+from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.rollout.weight_sync import iter_full_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,11 +151,7 @@ class VLLMEngine:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         launched = "RANK" in os.environ and "LOCAL_RANK" in os.environ  # torchrun (or compatible) launch
         world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
-        if cfg.tensor_parallel_size < 1 or world % cfg.tensor_parallel_size:
-            raise ConfigError(
-                f"config key 'rollout.tensor_parallel_size' ({cfg.tensor_parallel_size}) must divide the number of "
-                f"ranks ({world}{'' if launched else ': not launched by torchrun'})"
-            )
+        check_tp_size(cfg.tensor_parallel_size, world)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 

@@ -298,7 +298,7 @@ def save_checkpoint(
 
 
 def _damaged(path: Path, problem: str, what: str = "is damaged") -> CheckpointError:
-    older = [p for s, p in _step_dirs(path.parent) if p != path and s < _step_of(path)]
+    older = [p for s, p in _step_dirs(path.parent) if s < _step_of(path)]
     fallback = (f"delete {path} to resume from the previous checkpoint {older[-1]}" if older
                 else "no earlier checkpoint exists")
     return CheckpointError(f"checkpoint {path} {what}: {problem}; {fallback}, or start over with "

@@ -60,6 +60,7 @@ from bao_fast.train.runtime import (
     CHECKPOINT_DIR,
     FINAL_MODEL_DIR,
     TaskSampler,
+    check_world_size,
     config_tasks,
     derive_seed,
     gather_objects,
@@ -472,10 +473,7 @@ def make_engine(cfg: Config, model_path: Path, env: DistEnv) -> GenerationEngine
 def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedTokenizerBase) -> RLSetup:
     """Tasks, the sharded policy (and frozen reference for KL), optimiser, schedule, tensor-parallel group and
     engine."""
-    if cfg.train.mini_batch_size % env.world_size:
-        raise ValueError(
-            f"train.mini_batch_size ({cfg.train.mini_batch_size}) must divide by the world size ({env.world_size})"
-        )
+    check_world_size(cfg, env.world_size)
     tp_group = TPGroup.create(cfg.rollout.tensor_parallel_size)
     train_tasks = config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
     eval_tasks = config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")

@@ -170,10 +170,7 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
         config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
         check_servers(cfg, stage)
         if stage == "train":
-            if cfg.train.mini_batch_size % world_size:
-                raise ConfigError(f"config key 'train.mini_batch_size' ({cfg.train.mini_batch_size} prompts) must "
-                                  f"divide by the world size ({world_size})")
-            check_tp_size(cfg.rollout.tensor_parallel_size, world_size)
+            check_world_size(cfg, world_size)
             config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
     except ConfigError as exc:
         return str(exc)
@@ -187,6 +184,15 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
     changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in conflicts[:5])
     return (f"config key '{conflicts[0][0]}': run_dir {str(run_dir)!r} holds a run with another config ({changes}); "
             "rerun with its config to resume it, or start over with checkpoint.resume=false or a new run_dir")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """ConfigError unless RL's ``train.mini_batch_size`` and ``rollout.tensor_parallel_size`` divide over
+    ``world_size`` ranks."""
+    if cfg.train.mini_batch_size % world_size:
+        raise ConfigError(f"config key 'train.mini_batch_size' ({cfg.train.mini_batch_size} prompts) must divide "
+                          f"by the world size ({world_size})")
+    check_tp_size(cfg.rollout.tensor_parallel_size, world_size)
 
 
 def model_path(cfg: Config) -> Path:
@@ -207,14 +213,6 @@ def initial_model(cfg: Config, env: DistEnv) -> Path:
         create_tiny_model(path, spec=tiny_spec(cfg.model), seed=cfg.seed)
     dist.barrier()
     return path
-
-
-def rank_share(items: list[Any], env: DistEnv) -> list[Any]:
-    """This rank's contiguous share of ``items`` (``len(items)`` must divide by the world size)."""
-    if len(items) % env.world_size:
-        raise ValueError(f"{len(items)} items cannot be split evenly over {env.world_size} ranks")
-    per = len(items) // env.world_size
-    return items[env.rank * per : (env.rank + 1) * per]
 
 
 def max_over_ranks(value: int) -> int:

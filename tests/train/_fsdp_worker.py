@@ -19,10 +19,11 @@ import torch.distributed as dist
 from bao_fast.config import ModelConfig, OptimConfig
 from bao_fast.data.segments import pack_segments
 from bao_fast.models import load_tokenizer
+from bao_fast.rollout.tp_group import contiguous_share
 from bao_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import init_distributed, load_policy
 from bao_fast.train.optim import build_optimizer, clip_grad_norm
-from bao_fast.train.runtime import rank_share, sum_over_ranks
+from bao_fast.train.runtime import sum_over_ranks
 
 
 def full_params(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,7 +42,7 @@ def main() -> None:
          ("assistant", torch.randint(3, 2000, (m + 1,), generator=g).tolist())]
         for n, m in [(7, 5), (9, 4), (4, 6), (11, 3)]
     ]
-    batch = pack_segments(rank_share(trajectories, env))
+    batch = pack_segments(contiguous_share(trajectories, env.rank, env.world_size))
     total = sum_over_ranks([float(batch.target_rows.numel())])[0]
     (-(policy(batch).sum()) / total).backward()
     grads = {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters()}
