@@ -11,6 +11,7 @@ Torch must already be installed (``pip install --no-build-isolation ...``; ``mak
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+OPENMP = ["-fopenmp"] if sys.platform == "linux" else []
 
 
 def with_cuda() -> bool:
@@ -33,7 +35,9 @@ def extensions() -> list:
     cu = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
     if not cpp:
         return []
-    cxx = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is header code that runs serially unless the extension itself is compiled
+    # with OpenMP (torch's CPU builds use the OpenMP backend; the libgomp torch loads is the one used).
+    cxx = ["-O3", "-std=c++17", *OPENMP]
     if with_cuda() and cu:
         nvcc = [
             "-O3",
@@ -48,9 +52,10 @@ def extensions() -> list:
                 cpp + cu,
                 define_macros=[("BAO_FAST_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_link_args=OPENMP,
             )
         ]
-    return [CppExtension("bao_fast._C", cpp, extra_compile_args={"cxx": cxx})]
+    return [CppExtension("bao_fast._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=OPENMP)]
 
 
 CORE = [

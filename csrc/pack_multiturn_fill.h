@@ -47,8 +47,8 @@ BAO_FAST_HOST_DEVICE void fill_trajectory(int64_t b, int64_t seg_begin, int64_t 
     const bool trained = seg_trained[s];
     const int32_t turn_id = trained ? turn : -1;
     // One simple loop per output: vectorised on the CPU, coalesced on the GPU. Plain stores on purpose: at
-    // 1024 x 16 on a 2-core EPYC (plain: 7.8-8.6 ms), SSE2 streaming stores took 34 ms written per segment
-    // (partial cache lines at segment edges) and 11 ms through a cache-resident per-trajectory staging copy.
+    // 1024 x 16 on one core of a 2-core EPYC (plain: 7.8-8.6 ms), SSE2 streaming stores took 34 ms written
+    // per segment (partial cache lines at segment edges) and 11 ms through a cache-resident staging copy.
     for (int64_t i = t + lane; i < t + len; i += num_lanes) out.position_ids[i] = i - start.token;
     for (int64_t i = t + lane; i < t + len; i += num_lanes) out.loss_mask[i] = trained;
     for (int64_t i = t + lane; i < t + len; i += num_lanes) out.turn_ids[i] = turn_id;

@@ -15,6 +15,18 @@ PyModuleDef bao_fast_c_module = {
 
 }  // namespace
 
+// `_C.openmp`: whether the ops were compiled with OpenMP, without which at::parallel_for (header code under
+// torch's OpenMP backend) silently runs on one thread.
 PyMODINIT_FUNC PyInit__C() {
-  return PyModule_Create(&bao_fast_c_module);
+  PyObject* module = PyModule_Create(&bao_fast_c_module);
+#ifdef _OPENMP
+  PyObject* openmp = Py_True;
+#else
+  PyObject* openmp = Py_False;
+#endif
+  if (module != nullptr && PyModule_AddObjectRef(module, "openmp", openmp) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

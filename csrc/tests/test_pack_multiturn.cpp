@@ -5,6 +5,7 @@
 #include "pack_multiturn_fill.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -161,7 +162,9 @@ void test_edge_cases() {
   }
 }
 
-void test_random_batches() {
+// Up to 40 trajectories in tasks of 8: with several intra-op threads the fill is split across them.
+void test_random_batches(int num_threads) {
+  at::set_num_threads(num_threads);
   std::mt19937_64 rng(2);
   std::uniform_int_distribution<int> num_seqs(0, 40), num_segs(0, 9), seg_len(0, 30), coin(0, 1);
   for (int trial = 0; trial < 50; ++trial) {
@@ -293,7 +296,7 @@ void test_validation() {
 int main() {
   test_hand_derived();
   test_edge_cases();
-  test_random_batches();
+  for (int num_threads : {1, 2, 5}) test_random_batches(num_threads);
   test_fill_with_many_lanes();
   test_dispatcher_registration();
   test_validation();

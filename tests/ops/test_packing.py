@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bao_fast import _C
 from bao_fast.data.packed import DEVICE_FIELDS, PackedBatch
 from bao_fast.ops import pack_multiturn
 from bao_fast.ops.reference import pack_multiturn_reference
@@ -62,14 +63,30 @@ def test_cpu_matches_reference(trajectories: list[list[tuple[int, bool]]], ignor
     assert batch.num_turns == sum(tr for traj in trajectories for _, tr in traj)
 
 
-def test_large_batch_matches_reference() -> None:
-    """Enough trajectories to run the C++ kernel on several threads."""
+@pytest.mark.parametrize("num_threads", [1, 2, 5])
+def test_large_batch_matches_reference(num_threads: int) -> None:
+    """Enough trajectories to split the C++ kernel over ``num_threads`` threads (grain: 8 trajectories)."""
     gen = torch.Generator().manual_seed(7)
     trajectories = [
         [(int(n), bool(tr)) for n, tr in zip(torch.randint(0, 60, (13,), generator=gen), torch.arange(13) % 2 == 1)]
         for _ in range(300)
     ]
-    assert_matches_reference(pack_multiturn(*make_inputs(trajectories, seed=7)))
+    inputs = make_inputs(trajectories, seed=7)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        poison_allocator(inputs[3].numel())
+        batch = pack_multiturn(*inputs)
+    finally:
+        torch.set_num_threads(previous)
+    assert_matches_reference(batch)
+
+
+def test_extension_runs_parallel_under_torchs_openmp_backend() -> None:
+    """at::parallel_for is header code: compiled without OpenMP it runs on one thread whatever torch's setting."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not use the OpenMP backend")
+    assert _C.openmp, "bao_fast._C was built without -fopenmp: the C++ ops would run on one thread"
 
 
 def test_semantics_on_a_hand_checked_batch() -> None:
