@@ -36,7 +36,8 @@ def extensions() -> list:
     if not cpp:
         return []
     # -fopenmp: at::parallel_for is header code that runs serially unless the extension itself is compiled
-    # with OpenMP (torch's CPU builds use the OpenMP backend; the libgomp torch loads is the one used).
+    # with OpenMP (torch's Linux builds use the OpenMP backend). Torch's wheel ships libgomp.so.1 and loads it
+    # first, so the extension's dependency resolves to that same runtime.
     cxx = ["-O3", "-std=c++17", *OPENMP]
     if with_cuda() and cu:
         nvcc = [
