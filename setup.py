@@ -36,8 +36,8 @@ def extensions() -> list:
     if not cpp:
         return []
     # -fopenmp: at::parallel_for is header code that runs serially unless the extension itself is compiled
-    # with OpenMP (torch's Linux builds use the OpenMP backend). Torch's wheel ships libgomp.so.1 and loads it
-    # first, so the extension's dependency resolves to that same runtime.
+    # with OpenMP (torch's Linux builds use the OpenMP backend). Torch's CPU wheel ships libgomp.so.1, loaded
+    # before the extension, so the extension's libgomp.so.1 dependency resolves to that same runtime.
     cxx = ["-O3", "-std=c++17", *OPENMP]
     if with_cuda() and cu:
         nvcc = [
