@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ class EnvConfig:
     """Gym and its task sets (``bao_fast.envs.make_tasks``). ``tasks_path``: a dataset file or directory
     (gym-specific; empty = generated tasks). LLM-user gyms reach their user simulator at ``user_base_url``
     (OpenAI-compatible, model ``user_model``, key from ``$OPENAI_API_KEY`` when set), with completion limits
-    ``user_max_tokens`` / ``judge_max_tokens``; ``user_thinking: false`` asks the server to skip the model's
+    ``user_max_tokens`` / ``judge_max_tokens`` (null: the gym's own, 64 tokens, 96 for Intention's user and
+    Turtle's judge); ``user_thinking: false`` asks the server to skip the model's
     thinking (``chat_template_kwargs.enable_thinking``, as vLLM / SGLang serve Qwen3). ``max_turns`` (the
     turn budget T, also ``algo.shaping.horizon``) defaults to the gym's own: 15 for Function and Turtle, 12 for
     Telepathy and Twenty Questions, 10 for Intention."""
@@ -62,8 +64,8 @@ class EnvConfig:
     seed: int = 0
     user_base_url: str = ""
     user_model: str = ""
-    user_max_tokens: int = 64
-    judge_max_tokens: int = 64
+    user_max_tokens: int | None = None
+    judge_max_tokens: int | None = None
     user_thinking: bool = True
 
 
@@ -106,7 +108,9 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warm-up then constant / cosine / linear decay."""
+    """AdamW with linear warm-up over ``warmup_steps``, then constant, or cosine / linear decay to
+    ``min_lr_ratio`` × ``lr`` at the end of the run. Both count optimiser steps: SFT steps, but in RL
+    ``train.ppo_epochs`` × ``rollout.prompts_per_step`` / ``train.mini_batch_size`` per RL step."""
 
     lr: float = 1e-6
     weight_decay: float = 0.01
@@ -146,10 +150,13 @@ class SFTConfig:
 
 @dataclass
 class TrainConfig:
-    """RL loop sizes. A step = ``rollout.prompts_per_step`` prompts × ``group_size`` rollouts, split into
-    ``mini_batch_size`` optimiser steps per PPO epoch, each accumulated over micro-batches of at most
-    ``micro_batch_tokens`` tokens. ``entropy_every``: log the policy's entropy every N steps (0 = never; it is
-    computed on every step when ``algo.loss.entropy_coef`` > 0, which needs it)."""
+    """RL loop sizes. A step = ``rollout.prompts_per_step`` prompts × ``group_size`` rollouts, split per PPO
+    epoch into mini-batches of ``mini_batch_size`` prompts (with their rollouts), one optimiser step each,
+    accumulated over micro-batches of at most ``micro_batch_tokens`` tokens. ``eval_every``: evaluate every N
+    steps, and always before the first and after the last (0 = only there). ``max_nonfinite_steps``: stop after
+    N steps in a row that skipped an update for a non-finite loss or gradient norm (SFT, which uses it too: N
+    optimiser steps). ``entropy_every``: log the policy's entropy every N steps (0 = never; with
+    ``algo.loss.entropy_coef`` > 0, which needs it, it is computed and logged on every step)."""
 
     steps: int = 100
     ppo_epochs: int = 1
@@ -167,7 +174,7 @@ class CheckpointConfig:
     there). SFT: under ``<run_dir>/sft-checkpoints``, per SFT optimiser step, never at its last step (its end
     is the ``sft-model`` export, which then replaces them; 0 = none). ``resume`` continues from the latest
     checkpoint (and reuses a finished SFT export); false starts over, deleting them. ``export_hf`` writes the
-    RL result to ``<run_dir>/final-model``."""
+    RL result to ``<run_dir>/final-model`` (false: an earlier export there is deleted at the end)."""
 
     save_every: int = 10
     keep_last: int = 2
@@ -322,6 +329,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     if isinstance(env, dict) and "max_turns" not in env:  # the gym's own budget, recorded in the run's config
         data = {**data, "env": {**env, "max_turns": _gym_max_turns(env.get("name", EnvConfig.name))}}
     horizon = data["env"]["max_turns"] if isinstance(env, dict) else EnvConfig.max_turns
+    horizon = _check_scalar(horizon, int, "env.max_turns")  # the preset's horizon: checked before it is built
+    _require(horizon >= 1, "env.max_turns", f"must be >= 1, got {horizon}")
     base = Config()
     if "name" in algo:
         name = _check_scalar(algo["name"], typing.get_type_hints(AlgoConfig)["name"], "algo.name")
@@ -345,10 +354,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def _validate_optim(cfg: OptimConfig, prefix: str) -> None:
-    _require(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr}")
-    _require(cfg.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    _require(0 < cfg.lr < math.inf, f"{prefix}.lr", f"must be > 0 and finite, got {cfg.lr}")
+    wd = cfg.weight_decay
+    _require(0 <= wd < math.inf, f"{prefix}.weight_decay", f"must be >= 0 and finite, got {wd}")
     _require(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"{prefix}.beta1/beta2", "must be in [0, 1)")
-    _require(cfg.eps > 0, f"{prefix}.eps", f"must be > 0, got {cfg.eps}")
+    _require(0 < cfg.eps < math.inf, f"{prefix}.eps", f"must be > 0 and finite, got {cfg.eps}")
     _require(cfg.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0 = no clipping), got {cfg.grad_clip}")
     _require(cfg.warmup_steps >= 0, f"{prefix}.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
     _require(0 <= cfg.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
@@ -367,8 +377,8 @@ def validate(cfg: Config) -> Config:
     _require(e.num_eval_tasks >= 1, "env.num_eval_tasks", f"must be >= 1, got {e.num_eval_tasks}")
     _require(not e.user_base_url or bool(e.user_model), "env.user_model",
              "must name the user-simulator model when env.user_base_url is set")
-    _require(e.user_max_tokens >= 1, "env.user_max_tokens", f"must be >= 1, got {e.user_max_tokens}")
-    _require(e.judge_max_tokens >= 1, "env.judge_max_tokens", f"must be >= 1, got {e.judge_max_tokens}")
+    for key, limit in (("user_max_tokens", e.user_max_tokens), ("judge_max_tokens", e.judge_max_tokens)):
+        _require(limit is None or limit >= 1, f"env.{key}", f"must be >= 1 or null (the gym's own), got {limit}")
     _require(
         cfg.algo.shaping.horizon == e.max_turns,
         "algo.shaping.horizon",
@@ -409,7 +419,8 @@ def validate(cfg: Config) -> Config:
         f"({t.mini_batch_size} prompts) must divide rollout.prompts_per_step ({r.prompts_per_step})",
     )
     _require(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", f"must be >= 1, got {t.micro_batch_tokens}")
-    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {t.eval_every}")
+    _require(t.eval_every >= 0, "train.eval_every",
+             f"must be >= 0 (0 = only before the first and after the last step), got {t.eval_every}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     _require(t.entropy_every >= 0, "train.entropy_every", f"must be >= 0 (0 = never logged), got {t.entropy_every}")
     _validate_optim(cfg.optim, "optim")
@@ -429,7 +440,8 @@ def validate(cfg: Config) -> Config:
     _require(s.teacher_temperature >= 0, "sft.teacher_temperature", f"must be >= 0, got {s.teacher_temperature}")
     _require(s.teacher_workers >= 1, "sft.teacher_workers", f"must be >= 1, got {s.teacher_workers}")
     c = cfg.checkpoint
-    _require(c.save_every >= 0, "checkpoint.save_every", f"must be >= 0 (0 = only at the end), got {c.save_every}")
+    _require(c.save_every >= 0, "checkpoint.save_every",
+             f"must be >= 0 (0 = RL only at its last step, SFT none), got {c.save_every}")
     _require(c.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0 (0 = keep all), got {c.keep_last}")
     v = cfg.eval
     _require(v.num_tasks >= 1, "eval.num_tasks", f"must be >= 1, got {v.num_tasks}")

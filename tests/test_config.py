@@ -69,7 +69,13 @@ def test_turn_budget_defaults_to_the_gyms_own(gym: str, budget: int, tmp_path: P
         (["env.user_base_url=http://sim:8000/v1"], "'env.user_model' must name the user-simulator model"),
         (["env.judge_max_tokens=0"], "'env.judge_max_tokens' must be >= 1"),
         (["algo.shaping.horizon=10"], "must equal env.max_turns"),
+        (["env.max_turns=0"], "'env.max_turns' must be >= 1, got 0"),  # the preset's horizon: no bare ValueError
+        (["algo.name=grpo", "env.max_turns=six"], "'env.max_turns' must be an int"),
         (["optim.lr=0"], "'optim.lr' must be > 0"),
+        (["optim.lr=.inf"], "'optim.lr' must be > 0 and finite, got inf"),
+        (["sft.optim.weight_decay=.inf"], "'sft.optim.weight_decay' must be >= 0 and finite"),
+        (["algo.loss.kl_coef=.inf"], "'algo.loss'.*kl_coef must be >= 0 and finite"),
+        (["algo.loss.entropy_coef=.inf"], "'algo.loss'.*entropy_coef must be >= 0 and finite"),
         (["sft.optim.min_lr_ratio=2"], "'sft.optim.min_lr_ratio'"),
         (["sft.eval_fraction=1.0"], "'sft.eval_fraction'"),
         (["sft.teacher_style=terse"], "'sft.teacher_style' must be one of"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,10 +35,12 @@ class LossConfig:
             raise ValueError(f"LossConfig.clip_low/clip_high must be >= 0, got {self.clip_low}, {self.clip_high}")
         if self.dual_clip <= 1.0:
             raise ValueError(f"LossConfig.dual_clip must be > 1, got {self.dual_clip}")
-        if not self.kl_coef >= 0:
-            raise ValueError(f"LossConfig.kl_coef must be >= 0, got {self.kl_coef}")
-        if not self.entropy_coef >= 0:
-            raise ValueError(f"LossConfig.entropy_coef must be >= 0 (a bonus for entropy), got {self.entropy_coef}")
+        if not 0 <= self.kl_coef < math.inf:
+            raise ValueError(f"LossConfig.kl_coef must be >= 0 and finite, got {self.kl_coef}")
+        if not 0 <= self.entropy_coef < math.inf:
+            raise ValueError(
+                f"LossConfig.entropy_coef must be >= 0 and finite (a bonus for entropy), got {self.entropy_coef}"
+            )
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"LossConfig.kl_type must be one of {KL_TYPES}, got {self.kl_type!r}")
         if self.agg not in AGGREGATIONS:

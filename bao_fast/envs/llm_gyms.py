@@ -232,20 +232,19 @@ _TELEPATHY = (
 def telepathy_tasks(
     split: str = "all", n: int | None = None, level: Any = None, seed: int = 0, path: str | None = None
 ) -> list[TelepathyTask]:
-    """Telepathy tasks: the 32 built-in entities (every fourth one is ``test``, the rest ``train``) or,
-    with ``path``, a JSON list of ``{"id", "entity", "category", "aliases"?}`` (split ignored). Shuffled by
-    ``seed``; the first ``n`` (default all). ``level`` is unused (registry signature)."""
+    """Telepathy tasks: the 32 built-in entities or, with ``path``, a JSON list of ``{"id", "entity",
+    "category", "aliases"?}``; every fourth one is ``test``, the rest ``train`` (the two never share a task).
+    Shuffled by ``seed``; the first ``n`` (default all). ``level`` is unused (registry signature)."""
     if path is not None:
         rows = _load_rows(path, ("id", "entity", "category"))
         tasks = [TelepathyTask(str(r["id"]), r["entity"], r["category"], tuple(r.get("aliases", ()))) for r in rows]
     else:
         tasks = [TelepathyTask(f"tp-{i:03d}", e, c, a) for i, (e, c, a) in enumerate(_TELEPATHY)]
-        tasks = _split(tasks, split, every=4)
-    return _shuffle_take(tasks, n, f"telepathy/{seed}")
+    return _shuffle_take(_split(tasks, split, every=4), n, f"telepathy/{seed}")
 
 
 def _split(tasks: list, split: str, every: int) -> list:
-    """The built-in split: every ``every``-th task is ``test``, the others ``train``."""
+    """The train / test split: every ``every``-th task is ``test``, the others ``train``."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     if split == "all":
@@ -370,16 +369,15 @@ _INTENTION = (
 def intention_tasks(
     split: str = "all", n: int | None = None, level: Any = None, seed: int = 0, path: str | None = None
 ) -> list[IntentionTask]:
-    """Intention tasks: the 10 built-in requests (every fifth one is ``test``, the rest ``train``) or, with
-    ``path``, a JSON list of ``{"id", "request", "intentions": [...]}`` (split ignored). Shuffled by
-    ``seed``; the first ``n`` (default all). ``level`` is unused (registry signature)."""
+    """Intention tasks: the 10 built-in requests or, with ``path``, a JSON list of ``{"id", "request",
+    "intentions": [...]}``; every fifth one is ``test``, the rest ``train`` (the two never share a task).
+    Shuffled by ``seed``; the first ``n`` (default all). ``level`` is unused (registry signature)."""
     if path is not None:
         rows = _load_rows(path, ("id", "request", "intentions"))
         tasks = [IntentionTask(str(r["id"]), r["request"], tuple(r["intentions"])) for r in rows]
     else:
         tasks = [IntentionTask(f"in-{i:03d}", r, s) for i, (r, s) in enumerate(_INTENTION)]
-        tasks = _split(tasks, split, every=5)
-    return _shuffle_take(tasks, n, f"intention/{seed}")
+    return _shuffle_take(_split(tasks, split, every=5), n, f"intention/{seed}")
 
 
 _INTENTION_DESCRIPTION = (

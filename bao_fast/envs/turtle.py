@@ -130,9 +130,9 @@ _TURTLE = (
 def turtle_tasks(
     split: str = "all", n: int | None = None, level: Any = None, seed: int = 0, path: str | None = None
 ) -> list[TurtleTask]:
-    """Turtle Soup tasks: the 12 built-in puzzles (every fourth one is ``test``, the rest ``train``) or, with
-    ``path``, UserRL's story file (module docstring; split ignored). Shuffled by ``seed``; the first ``n``
-    (default all). ``level`` is unused (registry signature)."""
+    """Turtle Soup tasks: the 12 built-in puzzles or, with ``path``, UserRL's story file (module docstring);
+    every fourth one is ``test``, the rest ``train`` (the two never share a puzzle). Shuffled by ``seed``; the
+    first ``n`` (default all). ``level`` is unused (registry signature)."""
     if path is not None:
         rows = _load_rows(path, ("description", "ground_truth", "evaluation_criteria"))
         tasks = [
@@ -142,8 +142,7 @@ def turtle_tasks(
         ]  # fmt: skip
     else:
         tasks = [TurtleTask(f"ts-{i:03d}", s, b, p) for i, (s, b, p) in enumerate(_TURTLE)]
-        tasks = _split(tasks, split, every=4)
-    return _shuffle_take(tasks, n, f"turtle/{seed}")
+    return _shuffle_take(_split(tasks, split, every=4), n, f"turtle/{seed}")
 
 
 def _judgment(item: Any) -> float | None:

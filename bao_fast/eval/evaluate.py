@@ -10,7 +10,9 @@ Pass@U-k, UR, turns, per-choice counts, 95% CIs; plus the decoding settings and 
     bao-fast eval --endpoint http://127.0.0.1:8000 --model Qwen/Qwen3-8B --out eval/qwen3-8b env.level=2
 
 Gym, task source and budgets come from the run config (``--config`` and dotted ``KEY=VALUE``
-overrides): ``env.*``, ``eval.*``, ``rollout.max_turn_tokens`` / ``max_model_len`` / ``top_p``. The
+overrides): ``env.*``, ``eval.*``, ``rollout.max_turn_tokens`` / ``max_model_len`` / ``top_p``. The tasks
+are those the trainer evaluates on, the first ``min(env.num_eval_tasks, eval.num_tasks)`` of the test split
+(``--num-tasks`` sets both); a checkpoint runs in ``model.dtype`` on a GPU, float32 on the CPU. The
 ``k`` seeds are ``seed, seed+1, ...``: each task is played once per seed, all episodes batched together.
 Decoding is greedy unless ``--sample`` (``eval.greedy=false``); ``--temperature`` without ``--sample`` is
 an error, and greedy decoding with several seeds warns (the seeds replay the same agent, so the intervals
@@ -31,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from bao_fast.cli import UsageError
@@ -41,6 +44,7 @@ from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
 from bao_fast.rollout import GenerationEngine, GenerationParams, Trajectory, run_episodes
 from bao_fast.rollout.agent_loop import end_reason_of, reset_gym, step_gym
+from bao_fast.rollout.engine import engine_dtype
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -48,11 +52,11 @@ SUMMARY_MD_FILE = "summary.md"
 
 
 def eval_tasks(cfg: Config) -> list[Any]:
-    """The first ``eval.num_tasks`` tasks of the gym's test split."""
+    """The tasks the trainer evaluates on: the first ``min(env.num_eval_tasks, eval.num_tasks)`` of the gym's
+    test split."""
     env = cfg.env
-    return make_tasks(
-        env.name, split="test", n=cfg.eval.num_tasks, level=env.level, seed=env.seed, path=env.tasks_path or None
-    )
+    n = min(env.num_eval_tasks, cfg.eval.num_tasks)
+    return make_tasks(env.name, split="test", n=n, level=env.level, seed=env.seed, path=env.tasks_path or None)
 
 
 def gym_factory(cfg: Config, client: UserSimulatorClient | None = None) -> Callable[[], Gym]:
@@ -72,7 +76,9 @@ def gym_factory(cfg: Config, client: UserSimulatorClient | None = None) -> Calla
             client = UserSimulatorClient(env.user_base_url, env.user_model,
                                          api_key=os.environ.get("OPENAI_API_KEY"),
                                          max_concurrency=cfg.rollout.env_workers)
-        kwargs.update(client=client, user_max_tokens=env.user_max_tokens, judge_max_tokens=env.judge_max_tokens)
+        kwargs["client"] = client
+        limits = {"user_max_tokens": env.user_max_tokens, "judge_max_tokens": env.judge_max_tokens}
+        kwargs.update({name: limit for name, limit in limits.items() if limit is not None})  # None: the gym's own
         if not env.user_thinking:
             kwargs["extra_body"] = {"chat_template_kwargs": {"enable_thinking": False}}
     return lambda: make_gym(env.name, **kwargs)
@@ -280,13 +286,15 @@ def write_eval(trajs: Sequence[Trajectory], out_dir: str | Path, meta: Mapping[s
 
 
 def _build_engine(kind: str, checkpoint: Path, cfg: Config) -> GenerationEngine:
+    """The ``kind`` engine on ``checkpoint``, in the precision the trainer's rollouts use (``engine_dtype``)."""
+    dtype = engine_dtype(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
     if kind == "hf":
         from bao_fast.rollout import HFEngine
 
-        return HFEngine.from_config(checkpoint, cfg.rollout)
+        return HFEngine.from_config(checkpoint, cfg.rollout, dtype=dtype)
     from bao_fast.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine.from_config(checkpoint, cfg.rollout, seed=cfg.seed)
+    return VLLMEngine.from_config(checkpoint, cfg.rollout, seed=cfg.seed, dtype=dtype)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,7 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="run config YAML (gym, budgets, eval.*)")
     parser.add_argument("--engine", choices=("vllm", "hf"), help="generation engine (default: rollout.engine)")
     parser.add_argument("--seeds", type=int, help="number of seeds k (eval.num_seeds)")
-    parser.add_argument("--num-tasks", type=int, help="tasks of the test split (eval.num_tasks)")
+    parser.add_argument("--num-tasks", type=int, help="tasks of the test split (eval.num_tasks and env.num_eval_tasks)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, help="sampling temperature (eval.temperature; needs --sample)")
     parser.add_argument("--out", type=Path, default=Path("eval"), help="output directory (default: ./eval)")
@@ -327,7 +335,7 @@ def _config(args: argparse.Namespace) -> Config:
     if args.seeds is not None:
         overrides.append(f"eval.num_seeds={args.seeds}")
     if args.num_tasks is not None:
-        overrides.append(f"eval.num_tasks={args.num_tasks}")
+        overrides += [f"eval.num_tasks={args.num_tasks}", f"env.num_eval_tasks={args.num_tasks}"]
     if args.sample:
         overrides.append("eval.greedy=false")
     if args.temperature is not None:

@@ -21,6 +21,8 @@ from transformers import (
 )
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
+#: Written by ``create_tiny_model`` next to the checkpoint: the spec, seed, dtype and arch it was made with.
+TINY_SPEC_FILE = "tiny_spec.txt"
 
 #: ``create_tiny_model``'s architectures: their config class, and config keys beyond the spec's.
 ARCHITECTURES: dict[str, type[PretrainedConfig]] = {
@@ -43,6 +45,13 @@ class TinyModelSpec:
     intermediate_size: int = 256
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads}): attention shares each KV head among a whole group of query heads"
+            )
 
 
 def load_tokenizer(path: str | Path = TOKENIZER_DIR) -> PreTrainedTokenizerBase:
@@ -67,15 +76,19 @@ def create_tiny_model(
     """Write a random-weight ``*ForCausalLM`` of ``arch`` (a key of ``ARCHITECTURES``) and the tokenizer to
     ``out_dir``; returns the path.
 
-    Idempotent: an existing checkpoint with the same spec, seed, dtype and arch is reused.
+    Idempotent: an existing checkpoint with the same spec, seed, dtype and arch is reused; one of another
+    shape that this function wrote is replaced. FileExistsError for any other checkpoint in ``out_dir``
+    (``model.tiny`` with ``model.path`` naming a real model must not overwrite it).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     out = Path(out_dir)
-    marker = out / "tiny_spec.txt"
+    marker = out / TINY_SPEC_FILE
     fingerprint = f"{asdict(spec)} seed={seed} dtype={dtype} arch={arch}"
     if marker.exists() and marker.read_text() == fingerprint:
         return out
+    if (out / "config.json").exists() and not marker.exists():
+        raise FileExistsError(f"{str(out)!r} holds a checkpoint that is not a tiny model; refusing to overwrite it")
     tokenizer = load_tokenizer()
     config = ARCHITECTURES[arch](
         vocab_size=len(tokenizer),

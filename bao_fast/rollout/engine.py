@@ -21,15 +21,24 @@ Contract every engine keeps:
   one private generator per call.
 * ``sleep()`` / ``wake_up()`` release and restore accelerator memory around training (no-ops on the
   CPU); ``load_weights(named_tensors)`` copies HF-named full tensors into the engine's model.
+
+An engine is created in the precision the policy computes in (:func:`engine_dtype`), so that rollouts sample
+the distribution that training scores, and with a ``max_model_len`` within the checkpoint's context
+(:func:`check_context_length`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
+from transformers import AutoConfig
+
+from bao_fast.config import ConfigError, ModelConfig
 
 FinishReason = Literal["stop", "length"]
 
@@ -108,3 +117,24 @@ def validate_prompts(prompts: list[list[int]], max_model_len: int) -> None:
             raise ValueError(
                 f"prompts[{i}] has {len(prompt)} tokens; the engine's max_model_len {max_model_len} leaves no room"
             )
+
+
+def engine_dtype(model: ModelConfig, device: str | torch.device) -> str:
+    """The dtype of a rollout engine on ``device``: the training forward's compute dtype
+    (``bao_fast.train.fsdp.load_policy``), i.e. ``model.dtype`` on a GPU and float32 on the CPU."""
+    return model.dtype if torch.device(device).type == "cuda" else "float32"
+
+
+def check_context_length(model_path: str | Path, max_model_len: int) -> None:
+    """ConfigError naming ``rollout.max_model_len`` when it exceeds the checkpoint's context (its
+    ``max_position_embeddings``, unless RoPE scaling extends it): vLLM would refuse it deep in its setup,
+    transformers would generate past the positions the model knows."""
+    config = AutoConfig.from_pretrained(model_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
+    if positions is not None and not scaled and max_model_len > positions:
+        raise ConfigError(
+            f"config key 'rollout.max_model_len' ({max_model_len}) exceeds the context of {str(model_path)!r} "
+            f"({positions} positions): lower it (and rollout.max_turn_tokens) or pass a config that does"
+        )

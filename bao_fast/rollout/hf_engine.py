@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from bao_fast.config import RolloutConfig
-from bao_fast.rollout.engine import Generation, GenerationParams, validate_prompts
+from bao_fast.rollout.engine import Generation, GenerationParams, check_context_length, validate_prompts
 from bao_fast.rollout.weight_sync import iter_full_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,9 +71,11 @@ class HFEngine:
         device: str | torch.device | None = None,
         max_batch_size: int = 64,
     ) -> HFEngine:
-        """Load the HF checkpoint at ``model_path``; ``dtype`` defaults to bfloat16 on a GPU, float32 on CPU."""
+        """Load the HF checkpoint at ``model_path``; ``dtype`` defaults to bfloat16 on a GPU, float32 on CPU.
+        ConfigError when ``cfg.max_model_len`` exceeds the checkpoint's context (``check_context_length``)."""
         if not Path(model_path).is_dir():
             raise ValueError(f"model_path {str(model_path)!r} is not a checkpoint directory")
+        check_context_length(model_path, cfg.max_model_len)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in _DTYPES:

@@ -43,10 +43,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig
 
-from bao_fast.config import ConfigError, RolloutConfig
-from bao_fast.rollout.engine import Generation, GenerationParams, validate_prompts
+from bao_fast.config import RolloutConfig
+from bao_fast.rollout.engine import Generation, GenerationParams, check_context_length, validate_prompts
 from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.rollout.weight_sync import iter_full_weights
 
@@ -71,20 +70,6 @@ def quiet_rotary_reload_warning() -> None:
     logger = logging.getLogger(_RELOAD_LOGGER)
     if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
         logger.addFilter(RotaryReloadFilter())
-
-
-def check_context_length(model_path: str | Path, max_model_len: int) -> None:
-    """ConfigError naming ``rollout.max_model_len`` when it exceeds the checkpoint's context (its
-    ``max_position_embeddings``, unless RoPE scaling extends it); vLLM would refuse it deep in its setup."""
-    config = AutoConfig.from_pretrained(model_path)
-    positions = getattr(config, "max_position_embeddings", None)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
-    if positions is not None and not scaled and max_model_len > positions:
-        raise ConfigError(
-            f"config key 'rollout.max_model_len' ({max_model_len}) exceeds the context of {str(model_path)!r} "
-            f"({positions} positions): lower it (and rollout.max_turn_tokens) or pass a config that does"
-        )
 
 
 def reprocess_tied_embeddings(worker: Any) -> int:

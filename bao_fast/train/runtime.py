@@ -17,6 +17,7 @@ from bao_fast.config import Config, ConfigError, ModelConfig, resume_conflicts, 
 from bao_fast.envs import TASKS, make_tasks
 from bao_fast.eval.evaluate import check_servers
 from bao_fast.models import TinyModelSpec, create_tiny_model
+from bao_fast.models.tiny import TINY_SPEC_FILE
 from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.train.fsdp import DistEnv, init_distributed
 
@@ -103,13 +104,14 @@ def config_tasks(cfg: Config, split: str, n: int, key: str) -> list[Any]:
 
 
 def tiny_spec(model: ModelConfig) -> TinyModelSpec:
-    """Shape of the tiny model ``model.tiny`` creates: head_dim 64, one KV head per two query heads."""
+    """Shape of the tiny model ``model.tiny`` creates: head_dim 64, one KV head per two query heads (per query
+    head when their count is odd, as grouped attention needs whole groups)."""
     heads = max(1, model.tiny_hidden_size // 64)
     return TinyModelSpec(
         hidden_size=model.tiny_hidden_size,
         num_hidden_layers=model.tiny_layers,
         num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
+        num_key_value_heads=heads // 2 if heads % 2 == 0 else heads,
         intermediate_size=2 * model.tiny_hidden_size,
     )
 
@@ -118,9 +120,12 @@ SFT_MODEL_DIR = "sft-model"
 SFT_CHECKPOINT_DIR = "sft-checkpoints"
 FINAL_MODEL_DIR = "final-model"
 CHECKPOINT_DIR = "checkpoints"
+EVALS_FILE = "evals.json"
 CONFIG_FILE = "config.yaml"
 RESUMABLE_OUTPUTS = (SFT_CHECKPOINT_DIR, SFT_MODEL_DIR, CHECKPOINT_DIR, FINAL_MODEL_DIR)
 """What a rerun with ``checkpoint.resume`` continues from (or reuses) in ``run_dir``."""
+RL_OUTPUTS = (CHECKPOINT_DIR, FINAL_MODEL_DIR, EVALS_FILE)
+"""What RL writes in ``run_dir`` on top of the model it starts from (stale once that model is trained again)."""
 
 
 def start_run(cfg: Config, stage: str) -> DistEnv:
@@ -167,6 +172,8 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
     try:
         if not cfg.model.tiny:
             model_path(cfg)
+        elif cfg.model.path:
+            check_tiny_model_path(Path(cfg.model.path))
         config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
         check_servers(cfg, stage)
         if stage == "train":
@@ -201,6 +208,14 @@ def model_path(cfg: Config) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"config key 'model.path': {str(path)!r} is not a HF checkpoint directory (no config.json)")
     return path
+
+
+def check_tiny_model_path(path: Path) -> None:
+    """ConfigError naming ``model.path`` when ``path`` holds a checkpoint that ``model.tiny`` did not write
+    (creating the tiny model there would overwrite it)."""
+    if (path / "config.json").exists() and not (path / TINY_SPEC_FILE).exists():
+        raise ConfigError(f"config key 'model.path': {str(path)!r} holds a checkpoint that is not a tiny model; "
+                          "model.tiny would overwrite it (unset model.tiny, or name another directory)")
 
 
 def initial_model(cfg: Config, env: DistEnv) -> Path:

@@ -16,7 +16,8 @@ rerun continues from the latest one on the same data (the data file; checkpoints
 the same next batch (the data order derives from seeds), so it logs the losses an uninterrupted run would
 have. The export ends SFT: the last step writes no checkpoint, the checkpoints are deleted once the export
 exists, and a rerun reuses the export. ``checkpoint.resume=false`` starts SFT over (the teacher plays
-again; an earlier export and checkpoints are deleted).
+again; an earlier export and checkpoints are deleted). An SFT that trains deletes the RL outputs of the run
+(``RL_OUTPUTS``): they were trained from an earlier export.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distribut
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
+    RL_OUTPUTS,
     SFT_CHECKPOINT_DIR,
     SFT_MODEL_DIR,
     derive_seed,
@@ -208,7 +210,8 @@ def train_sft(
     out = run_dir / SFT_MODEL_DIR
     if cfg.checkpoint.resume and (out / "config.json").is_file():
         return out
-    remove_outputs([out])  # an earlier run's export must not pass for this run's
+    # an earlier run's export must not pass for this run's, nor RL trained from it resume on this one
+    remove_outputs([out, *(run_dir / name for name in RL_OUTPUTS)])
     seed_everything(derive_seed(cfg.seed, 2, env.rank))
     s = setup(cfg, env, init_path, tokenizer)
     state = SFTState(0, 0, 0, NonFiniteGuard(cfg.train.max_nonfinite_steps))

@@ -275,6 +275,17 @@ def test_gym_factory_passes_the_user_simulator_settings(openai_stub):
     assert gym.client.max_concurrency == 3
 
 
+@pytest.mark.parametrize(("name", "own"), [("telepathy", (64, 64)), ("intention", (96, 64)), ("turtle", (64, 96))])
+def test_gym_factory_keeps_the_gyms_own_limits_by_default(openai_stub, name: str, own: tuple[int, int]):
+    from bao_fast.config import load_config
+    from bao_fast.eval.evaluate import gym_factory
+
+    cfg = load_config(None, ["model.tiny=true", f"env.name={name}", f"env.user_base_url={openai_stub.url}",
+                             "env.user_model=sim"])
+    gym = gym_factory(cfg)()
+    assert (gym.user_max_tokens, gym.judge_max_tokens) == own
+
+
 def test_gym_factory_needs_a_user_simulator_only_for_llm_gyms(openai_stub):
     from bao_fast.config import ConfigError, load_config
     from bao_fast.eval.evaluate import gym_factory

@@ -63,6 +63,7 @@ def test_eval_cli_on_tiny_model_with_hf_engine(
         "tiny",
         "env.max_turns=2",
         "rollout.max_turn_tokens=6",
+        "rollout.max_model_len=4096",  # the tiny model's context
         "eval.max_k=4",
     ]
     assert _cli(args) == 0

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bao_fast.config import load_config
 from bao_fast.models import TinyModelSpec, create_tiny_model, load_tokenizer
 from bao_fast.models.tiny import ARCHITECTURES
+from bao_fast.train.runtime import tiny_spec
 
 
 def test_tokenizer_chat_template_and_markup_tokens() -> None:
@@ -66,3 +70,33 @@ def test_create_tiny_model_architectures(tmp_path: Path) -> None:
     assert type(default).__name__ == "Qwen2ForCausalLM" and not default.config.tie_word_embeddings
     with pytest.raises(ValueError, match="arch must be one of"):
         create_tiny_model(tmp_path / "x", arch="gemma2")
+
+
+def _layers(path: Path) -> int:
+    return json.loads((path / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_tiny_model_path_replaces_only_tiny_models(tmp_path: Path) -> None:
+    path = tmp_path / "model"
+    cfg = load_config(None, ["model.tiny=true", f"model.path={path}", "model.tiny_layers=3"])
+    create_tiny_model(cfg.model.path, spec=tiny_spec(cfg.model))
+    assert _layers(path) == 3
+    create_tiny_model(cfg.model.path)  # another tiny shape: replaced
+    assert _layers(path) == 2
+
+
+def test_tiny_model_never_overwrites_another_checkpoint(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    spec = tiny_spec(load_config(None, ["model.tiny=true", "model.tiny_layers=3"]).model)
+    create_tiny_model(tmp_path / "src", spec=spec)
+    shutil.copytree(tmp_path / "src", real, ignore=shutil.ignore_patterns("tiny_spec.txt"))  # a user's checkpoint
+    before = {p.name: p.read_bytes() for p in real.iterdir()}
+    with pytest.raises(FileExistsError, match="not a tiny model"):
+        create_tiny_model(real)
+    assert {p.name: p.read_bytes() for p in real.iterdir()} == before
+
+
+def test_a_tiny_spec_whose_kv_heads_do_not_divide_the_heads_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(2\) must divide num_attention_heads \(5\)"):
+        TinyModelSpec(hidden_size=320, num_attention_heads=5, num_key_value_heads=2)
+    TinyModelSpec(num_attention_heads=6, num_key_value_heads=3)

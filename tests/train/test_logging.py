@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +98,39 @@ def test_tensorboard_resume_purges_the_dropped_steps(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 20.0)]
+
+
+class _FakeRun:
+    def __init__(self, logged: list[tuple[str | None, int]], run_id: str | None) -> None:
+        self.logged, self.run_id = logged, run_id
+
+    def log(self, scalars: dict[str, Any], step: int) -> None:
+        self.logged.append((self.run_id, step))
+
+    def finish(self) -> None:
+        pass
+
+
+def test_a_resumed_run_continues_its_wandb_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    inits: list[dict[str, Any]] = []
+    logged: list[tuple[str | None, int]] = []
+
+    def init(**kwargs: Any) -> _FakeRun:
+        inits.append(kwargs)
+        return _FakeRun(logged, kwargs.get("id"))
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    cfg = LoggingConfig(progress=False, wandb=True, wandb_project="p")
+
+    def run(resume_step: int, steps: range) -> str | None:
+        logger = MetricsLogger(tmp_path, cfg, name="train", total=4, resume_step=resume_step)
+        for step in steps:
+            logger.log(step, {"reward": 0.5})
+        logger.close()
+        return inits[-1].get("id")
+
+    first = run(-1, range(1, 3))  # fresh start, stopped after step 2
+    assert first is not None and run(2, range(3, 5)) == first  # resumed after step 2: the same wandb run
+    assert logged == [(first, 1), (first, 2), (first, 3), (first, 4)]
+    assert run(-1, range(1, 2)) not in (None, first)  # checkpoint.resume=false: a new wandb run
+    assert all(i["resume"] == "allow" and i["project"] == "p" for i in inits)

@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM
 from bao_fast.config import load_config
 from bao_fast.data.segments import pack_segments
 from bao_fast.models.tiny import create_tiny_model
+from bao_fast.train import rl
 from bao_fast.train.fsdp import Policy
-from bao_fast.train.logging import NonFiniteGuard
+from bao_fast.train.logging import NonFiniteError, NonFiniteGuard
 from bao_fast.train.optim import build_optimizer, build_scheduler
 from bao_fast.train.rl import accumulate_gradients, forward_logprobs, minibatch_cuts, policy_update
 
@@ -49,8 +50,10 @@ def batch():
 
 
 def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, epochs: int,
-               old_logp: torch.Tensor | None = None, overrides: tuple[str, ...] = ()):
-    """One policy_update on fresh weights; returns (policy, old_logp after it, stats, no-grad forwards)."""
+               old_logp: torch.Tensor | None = None, overrides: tuple[str, ...] = (), steps: int = 1,
+               advantage_scale: float = 1.0):
+    """``steps`` policy_updates (RL steps) on fresh weights; returns (policy, old_logp after the first, the
+    last step's stats, no-grad forwards)."""
     cfg = load_config(None, [
         "model.tiny=true", f"rollout.old_logprobs={old_logprobs}", f"rollout.group_size={GROUP}",
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.temperature={TEMPERATURE}",
@@ -69,8 +72,11 @@ def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, 
     if old_logp is None:
         old_logp = forward_logprobs(policy, batch, TEMPERATURE, cfg.train.micro_batch_tokens, start=cuts[1])
     advantages = torch.randn(batch.num_tokens, generator=torch.Generator().manual_seed(5)) * batch.target_mask
-    state = SimpleNamespace(step=1, guard=NonFiniteGuard(3))
-    stats = policy_update(s, state, batch, cuts, old_logp, advantages, None)
+    advantages *= advantage_scale
+    state = SimpleNamespace(step=0, guard=NonFiniteGuard(cfg.train.max_nonfinite_steps))
+    for _ in range(steps):
+        state.step += 1
+        stats = policy_update(s, state, batch, cuts, old_logp, advantages, None)
     return policy, old_logp, stats, no_grad_forwards
 
 
@@ -131,7 +137,8 @@ def test_micro_batching_does_not_change_the_gradient(model_dir, agg):
 
 
 def test_entropy_bonus_applies_on_steps_that_do_not_log_entropy(model_dir, batch):
-    """train.entropy_every only sets how often entropy is logged; the bonus applies on every step."""
+    """train.entropy_every only sets how often entropy is logged; the bonus applies on every step (and the
+    entropy it computes is logged)."""
     plain, _, plain_stats, _ = run_update(model_dir, batch, "recompute", PROMPTS, 1,
                                           overrides=("train.entropy_every=0",))
     bonus, _, stats, _ = run_update(model_dir, batch, "recompute", PROMPTS, 1,
@@ -139,3 +146,34 @@ def test_entropy_bonus_applies_on_steps_that_do_not_log_entropy(model_dir, batch
     assert "actor/entropy" not in plain_stats and stats["actor/entropy"] > 0
     moved = max((p - q).abs().max().item() for p, q in zip(bonus.parameters(), plain.parameters(), strict=True))
     assert moved > 1e-4
+
+
+def test_max_nonfinite_steps_counts_rl_steps_not_optimiser_updates(model_dir, batch):
+    """train.max_nonfinite_steps counts RL steps (TrainConfig's "step"): a step whose every mini-batch update is
+    non-finite skips them all and counts once; the run stops at the N-th such step in a row."""
+    nonfinite = ("train.max_nonfinite_steps=2",)
+    policy, _, stats, _ = run_update(model_dir, batch, "recompute", 1, 1, overrides=nonfinite,
+                                     advantage_scale=float("nan"))
+    assert stats["actor/skipped_updates"] == PROMPTS  # four updates skipped, one non-finite step
+    init = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for p, q in zip(policy.hf.parameters(), init.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(NonFiniteError, match="step 2: 2 consecutive steps"):
+        run_update(model_dir, batch, "recompute", 1, 1, overrides=nonfinite, steps=2, advantage_scale=float("nan"))
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda", "float16"), ("cpu", "float32")])
+def test_make_engine_samples_in_the_policys_compute_dtype(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: str, expected: str
+) -> None:
+    """The engine's precision is model.dtype on a GPU (as training computes), float32 on the CPU."""
+    calls: list[dict[str, object]] = []
+
+    def capture(cls: type, model_path: Path, cfg: object, **kwargs: object) -> str:
+        calls.append(kwargs)
+        return "engine"
+
+    monkeypatch.setattr(rl.HFEngine, "from_config", classmethod(capture))
+    cfg = load_config(None, ["model.tiny=true", "model.dtype=float16", "rollout.engine=hf"])
+    assert rl.make_engine(cfg, tmp_path, SimpleNamespace(device=torch.device(device))) == "engine"
+    assert calls == [{"device": torch.device(device), "dtype": expected}]

@@ -4,9 +4,13 @@ the checks a run makes before it writes anything."""
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from bao_fast.config import ConfigError, load_config, save_config
 from bao_fast.envs import TASKS, make_tasks
+from bao_fast.models import create_tiny_model
+from bao_fast.models.tiny import TINY_SPEC_FILE
 from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, tiny_spec, unshared_run_dir
 
 
@@ -19,6 +23,27 @@ def test_tiny_spec_follows_config() -> None:
     assert spec.intermediate_size == 512
     default = tiny_spec(load_config(None, ["model.tiny=true"]).model)
     assert (default.hidden_size, default.num_hidden_layers, default.num_attention_heads) == (128, 2, 2)
+
+
+@pytest.mark.parametrize(("hidden", "kv_heads"), [(64, 1), (320, 5), (384, 3), (448, 7)])
+def test_tiny_spec_of_any_valid_width_builds_a_model_that_runs(tmp_path, hidden: int, kv_heads: int) -> None:
+    """An odd query-head count (5, 7) cannot share KV heads in pairs: the spec keeps one KV head per head."""
+    cfg = load_config(None, ["model.tiny=true", f"model.tiny_hidden_size={hidden}", "model.tiny_layers=1"])
+    spec = tiny_spec(cfg.model)
+    assert spec.num_key_value_heads == kv_heads
+    model = AutoModelForCausalLM.from_pretrained(create_tiny_model(tmp_path / "m", spec=spec))
+    logits = model(torch.randint(0, 100, (1, 5))).logits
+    assert logits.shape[:2] == (1, 5) and torch.isfinite(logits).all()
+
+
+def test_preflight_refuses_a_tiny_model_over_another_checkpoint(tmp_path) -> None:
+    real = create_tiny_model(tmp_path / "real")
+    (real / TINY_SPEC_FILE).unlink()  # now a checkpoint model.tiny did not write
+    cfg = load_config(None, ["model.tiny=true", f"model.path={real}", f"run_dir={tmp_path / 'run'}"])
+    assert "config key 'model.path'" in preflight(cfg, 1, "train") and "would overwrite it" in preflight(cfg, 1, "sft")
+    tiny = load_config(None, ["model.tiny=true", f"model.path={tmp_path / 'tiny'}", f"run_dir={tmp_path / 'run'}"])
+    create_tiny_model(tmp_path / "tiny")
+    assert preflight(tiny, 1, "train") is None  # a tiny model there is reused or replaced
 
 
 def test_config_tasks_names_the_key_at_fault(tmp_path, monkeypatch) -> None:
@@ -40,7 +65,7 @@ def test_config_tasks_names_the_key_at_fault(tmp_path, monkeypatch) -> None:
         config_tasks(bad, "train", 1, "env.num_train_tasks")
     path.write_text('[{"id": "a", "entity": "owl", "category": "animal"}]')
     assert [t.entity for t in config_tasks(bad, "train", 1, "env.num_train_tasks")] == ["owl"]
-    with pytest.raises(ConfigError, match=r"'env\.num_eval_tasks': 2 test tasks requested, .* holds 1"):
+    with pytest.raises(ConfigError, match=r"'env\.num_eval_tasks': 2 test tasks requested, .* holds 0"):
         config_tasks(bad, "test", 2, "env.num_eval_tasks")
 
 

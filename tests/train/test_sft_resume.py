@@ -110,6 +110,18 @@ def test_resume_false_starts_over(straight: Path, stopped_copy: Path) -> None:
     assert_same_model(run_dir, straight)
 
 
+def test_sft_started_over_drops_the_rl_outputs_of_the_old_export(stopped_copy: Path) -> None:
+    """RL checkpoints, export and evals derive from the SFT export: a new SFT (``bao-fast sft`` with
+    ``checkpoint.resume=false``) deletes them, or a later ``bao-fast train`` would resume RL on the old model."""
+    run_dir = stopped_copy
+    (run_dir / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run_dir / "final-model").mkdir()
+    (run_dir / "final-model" / "config.json").write_text("{}")
+    (run_dir / "evals.json").write_text("[]")
+    assert sft_run(run_dir, ("checkpoint.resume=false",), stop_after=1) is None
+    assert not any((run_dir / name).exists() for name in ("checkpoints", "final-model", "evals.json"))
+
+
 def test_resume_reads_the_data_file_and_refuses_other_data(stopped_copy: Path) -> None:
     """A resumed run trains on the recorded episodes, not on a new play; checkpoints of other data are refused."""
     path = stopped_copy / "sft-data.jsonl"

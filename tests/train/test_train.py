@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,15 @@ def test_resume_after_stop_reproduces_the_next_step(hf_run: Path, tmp_path: Path
     reference = load_file(hf_run / "final-model" / "model.safetensors")
     for key, value in reference.items():
         assert torch.equal(final[key], value), key
+
+
+def test_run_without_export_leaves_no_earlier_export(hf_run: Path, tmp_path: Path) -> None:
+    """checkpoint.export_hf=false: a resumed run that trains further leaves no final-model of an earlier step."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(hf_run, run_dir)
+    train_run(run_dir, ["rollout.engine=hf", f"train.steps={STEPS + 1}", "checkpoint.export_hf=false"])
+    assert json.loads((run_dir / "evals.json").read_text())[-1]["step"] == STEPS + 1
+    assert not (run_dir / "final-model").exists()
 
 
 def test_resume_false_starts_over(tmp_path: Path) -> None:
