@@ -32,7 +32,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Policy model. ``tiny: true`` creates a random-weight tiny Qwen2 (``bao_fast.models``) at ``path``
     (default ``<run_dir>/init-model``) with ``tiny_layers`` decoder layers of width ``tiny_hidden_size``
-    (head_dim 64); otherwise ``path`` is a local HF checkpoint directory."""
+    (head_dim 64); otherwise ``path`` is a local HF checkpoint directory. On a GPU, training computes in
+    ``dtype`` (float32 master weights and gradient reduction; float16 gets no loss scaling, so prefer bfloat16)
+    and the rollout engine samples in it; on the CPU everything runs in float32. ``gradient_checkpointing``
+    recomputes each decoder layer in the backward; ``use_liger`` patches RMSNorm / RoPE / SwiGLU with
+    liger-kernel on a GPU when it is installed; ``attn_implementation`` (transformers' name, sdpa or eager)
+    is the training forward's attention, run varlen over packed batches (rollout engines use their own)."""
 
     path: str = ""
     tiny: bool = False
