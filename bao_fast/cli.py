@@ -6,7 +6,8 @@ module is imported (they pull in torch, transformers or vLLM), so ``bao-fast --h
 A mistake in what the user typed ends the command with one line on stderr, ``bao-fast <cmd>: <message>``,
 and exit status 2 (argparse's own status for bad arguments): :class:`UsageError` (flags that do not go
 together, an unknown name, input files that are not what the command reads), ``ConfigError`` (a bad
-config file or ``KEY=VALUE`` override) and ``FileNotFoundError`` (a path that does not exist). The
+config file or ``KEY=VALUE`` override) and the ``OSError`` of a path that does not exist, is a file where a
+directory is needed or the other way round, or may not be read or written (:data:`PATH_ERRORS`). The
 commands load their config inside ``run``, so these are caught around it. A :class:`RunError` (the run's
 files or disk failed it: a damaged checkpoint, a full disk) prints its one line too, with exit status 1.
 Any other exception is a bug and keeps its traceback.
@@ -41,7 +42,10 @@ class RunError(RuntimeError):
     names the path and what is left on disk. The command ends with that one line and exit status 1."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (UsageError, ConfigError, FileNotFoundError)
+PATH_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError
+)
+USER_ERRORS: tuple[type[Exception], ...] = (UsageError, ConfigError, *PATH_ERRORS)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -58,12 +62,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         parsed = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(parsed)
-        parsed.set_defaults(_run=module.run)
+        parsed.set_defaults(_run=module.run, _parser=parsed)
     return parser
 
 
 def _message(exc: Exception) -> str:
-    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+    if isinstance(exc, PATH_ERRORS) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
     return str(exc)
 
@@ -71,7 +75,9 @@ def _message(exc: Exception) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    args, unknown = build_parser(command if command in COMMANDS else None).parse_known_args(argv)
+    if unknown:  # the command's usage and name, not the top level's (argparse reports them at the top)
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args._run(args) or 0)
     except USER_ERRORS as exc:

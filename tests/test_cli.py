@@ -47,6 +47,20 @@ def test_unknown_subcommand_is_rejected(capsys: pytest.CaptureFixture[str]) -> N
 
 
 @pytest.mark.parametrize(
+    ("argv", "flag"),
+    [(["train", "--config", "c.yaml", "--steps", "3"], "--steps"), (["demo", "--cofig", "x"], "--cofig")],
+)
+def test_unknown_flag_names_the_command(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command's own usage and name, not the top level's ``usage: bao-fast [-h] {sft,...}``."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: bao-fast {argv[0]} ")
+    assert f"bao-fast {argv[0]}: error: unrecognized arguments: {flag}" in err
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["eval", "--endpoint", "http://127.0.0.1:9"], "bao-fast eval: --endpoint needs --model NAME"),
@@ -59,14 +73,35 @@ def test_unknown_subcommand_is_rejected(capsys: pytest.CaptureFixture[str]) -> N
         (["pareto"], "bao-fast pareto: give summaries"),
         (["pareto", "no/such/run"], "bao-fast pareto: inputs: no/such/run does not exist"),
         (["bench", "--only", "nosuchop", "--bench-dir", "{tmp}"], "bao-fast bench: --only: no benchmarks/bench_*.py"),
+        (["eval", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--config", "{tmp}"],
+         "bao-fast eval: {tmp}: Is a directory"),
+        (["demo", "--config", "{tmp}"], "bao-fast demo: {tmp}: Is a directory"),
+        (["eval", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--out", "{tmp}/file"],
+         "bao-fast eval: --out {tmp}/file is a file; give a directory"),
+        (["pareto", "{tmp}", "--out", "{tmp}/file"], "bao-fast pareto: --out {tmp}/file is a file; give a directory"),
+        (["pareto", "{tmp}/file"], "bao-fast pareto: {tmp}/file: not a JSON evaluation summary"),
+        (["pareto", "--dry-run", "{tmp}"], "bao-fast pareto: --dry-run needs --sweep BASE_YAML"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (tmp_path / "file").write_text("not a directory, nor a summary")
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(message) and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(message.format(tmp=tmp_path)) and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError])
+def test_path_errors_name_the_path_and_exit_2(
+    error: type[OSError], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refused(args: object) -> int:
+        raise error(17, "refused", "runs/x")
+
+    monkeypatch.setattr(pareto, "run", refused)
+    assert main(["pareto", "x"]) == 2
+    assert capsys.readouterr().err == "bao-fast pareto: runs/x: refused\n"
 
 
 def test_run_errors_print_one_line_and_exit_1(

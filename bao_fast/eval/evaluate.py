@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bao_fast.cli import UsageError
 from bao_fast.config import Config, ConfigError, load_config
-from bao_fast.envs import Gym, make_gym, make_tasks, needs_user_simulator
+from bao_fast.envs import Gym, make_gym, needs_user_simulator
 from bao_fast.envs.user_client import UserSimulatorClient, UserSimulatorError, unserved_model
 from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
@@ -53,10 +53,11 @@ SUMMARY_MD_FILE = "summary.md"
 
 def eval_tasks(cfg: Config) -> list[Any]:
     """The tasks the trainer evaluates on: the first ``min(env.num_eval_tasks, eval.num_tasks)`` of the gym's
-    test split."""
-    env = cfg.env
-    n = min(env.num_eval_tasks, cfg.eval.num_tasks)
-    return make_tasks(env.name, split="test", n=n, level=env.level, seed=env.seed, path=env.tasks_path or None)
+    test split; a ConfigError naming the key at fault (``env.name``, ``env.tasks_path``,
+    ``env.num_eval_tasks``) when the gym cannot supply them."""
+    from bao_fast.train.runtime import config_tasks  # runtime imports this module (check_servers)
+
+    return config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
 
 
 def gym_factory(cfg: Config, client: UserSimulatorClient | None = None) -> Callable[[], Gym]:
@@ -88,7 +89,15 @@ def check_servers(cfg: Config, stage: str) -> None:
     """ConfigError when a configured OpenAI-compatible server (the LLM user simulator, the SFT teacher) does
     not serve the configured model: found now, not after the engine has loaded and the first request fails
     (``stage``: ``sft``; ``train``, whose SFT runs when ``sft.enabled``; ``eval``, which needs no teacher).
-    A server that cannot be asked (not up yet, no ``/models``) only gets a warning."""
+    A server that cannot be asked (not up yet, no ``/models``) only gets a warning. An LLM-user gym's RL
+    rollouts and evaluation need ``env.user_base_url`` (only the SFT teacher falls back to its own server):
+    missing, a ConfigError now rather than once SFT is done."""
+    if stage != "sft" and needs_user_simulator(cfg.env.name) and not cfg.env.user_base_url:
+        raise ConfigError(
+            f"config key 'env.user_base_url': the {cfg.env.name!r} gym's RL rollouts and evaluation talk to an LLM "
+            "user simulator; set env.user_base_url and env.user_model (only SFT's LLM teacher falls back to its own "
+            "server)"
+        )
     servers = []
     if needs_user_simulator(cfg.env.name) and cfg.env.user_base_url:
         servers.append((cfg.env.user_base_url, cfg.env.user_model, "env.user_model"))
@@ -346,7 +355,14 @@ def _config(args: argparse.Namespace) -> Config:
 def run(args: argparse.Namespace) -> int:
     if args.endpoint is not None and not args.model:
         raise UsageError("--endpoint needs --model NAME")
+    if args.endpoint is not None and args.engine is not None:
+        raise UsageError("--engine runs a --checkpoint; an --endpoint generates with its own server")
+    if args.checkpoint is not None and args.model is not None:
+        raise UsageError("--model names the model an --endpoint serves; name a --checkpoint's results with --label")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
     cfg = _config(args)
+    tasks = eval_tasks(cfg)  # first: a gym that is not registered has no user simulator to check
     check_servers(cfg, "eval")
     if args.endpoint is not None and (problem := unserved_model(args.endpoint, args.model,
                                                                  os.environ.get(args.api_key_env))):
@@ -354,7 +370,6 @@ def run(args: argparse.Namespace) -> int:
     warning = repeated_seeds_warning(cfg)
     if warning:
         print(f"bao-fast eval: warning: {warning}", file=sys.stderr)
-    tasks = eval_tasks(cfg)
     if args.checkpoint is not None:
         from bao_fast.models import load_tokenizer
 

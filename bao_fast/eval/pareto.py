@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,29 +76,41 @@ def pareto_front(points: Sequence[ParetoPoint]) -> list[int]:
 def _ci(value: Any, key: str, source: str) -> tuple[float, float] | None:
     if value is None:
         return None
-    if not (isinstance(value, Sequence) and len(value) == 2):
-        raise UsageError(f"{source}: '{key}' must be a [low, high] pair, got {value!r}")
-    return float(value[0]), float(value[1])
+    if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
+        raise UsageError(f"{source or 'summary'}: '{key}' must be a [low, high] pair, got {value!r}")
+    return _number(value[0], key, source), _number(value[1], key, source)
+
+
+def _number(value: Any, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UsageError(f"{source or 'summary'}: '{key}' must be a finite number, got {value!r}")
+    return float(value)
 
 
 def point_from_summary(summary: Mapping[str, Any], label: str, source: str = "") -> ParetoPoint:
-    """A point from an evaluation summary as written by ``bao-fast eval`` (``metrics.summarize``)."""
+    """A point from an evaluation summary as written by ``bao-fast eval`` (``metrics.summarize``); a
+    UsageError naming ``source`` and the key when a value is missing or not a finite number."""
     for key in ("score", "ur"):
         if key not in summary:
             raise UsageError(f"{source or 'summary'}: missing key '{key}' (is this an evaluation summary?)")
     pass_at_u = summary.get("pass_at_u", {})
     if isinstance(pass_at_u, Mapping):  # {"1": p1, "2": p2, ...} once through JSON
-        curve = tuple(float(pass_at_u[k]) for k in sorted(pass_at_u, key=int))
+        if not all(str(k).isdigit() for k in pass_at_u):
+            raise UsageError(f"{source or 'summary'}: 'pass_at_u' keys must be k = 1, 2, ..., got {list(pass_at_u)}")
+        curve = tuple(_number(pass_at_u[k], f"pass_at_u.{k}", source) for k in sorted(pass_at_u, key=int))
+    elif isinstance(pass_at_u, Sequence) and not isinstance(pass_at_u, str):
+        curve = tuple(_number(v, "pass_at_u", source) for v in pass_at_u)
     else:
-        curve = tuple(float(v) for v in pass_at_u)
+        raise UsageError(f"{source or 'summary'}: 'pass_at_u' must map k to Pass@U-k, got {pass_at_u!r}")
+    turns = summary.get("turns")
     return ParetoPoint(
         label=label,
-        score=float(summary["score"]),
-        ur=float(summary["ur"]),
+        score=_number(summary["score"], "score", source),
+        ur=_number(summary["ur"], "ur", source),
         score_ci=_ci(summary.get("score_ci"), "score_ci", source),
         ur_ci=_ci(summary.get("ur_ci"), "ur_ci", source),
         pass_at_u=curve,
-        turns=None if summary.get("turns") is None else float(summary["turns"]),
+        turns=None if turns is None else _number(turns, "turns", source),
         num_episodes=summary.get("num_episodes"),
         source=source,
     )
@@ -125,7 +138,10 @@ def load_summary(path: str | Path) -> tuple[dict[str, Any], Path]:
                     f"inputs: no {SUMMARY_FILE} or {RUN_EVALS_FILE} in {p} (run `bao-fast eval` on it first)"
                 )
             p = found[-1]
-    data = json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{p}: not a JSON evaluation summary ({exc})") from exc
     if isinstance(data, list):  # a run's evals.json: one summary per evaluated step
         if not data or not isinstance(data[-1], dict):
             raise UsageError(f"{p}: expected a non-empty list of evaluation summaries")
@@ -193,10 +209,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.grid and not args.sweep:
-        raise UsageError("--grid needs --sweep BASE_YAML")
+    for flag, given in (("--grid", args.grid), ("--set", args.set), ("--dry-run", args.dry_run)):
+        if given and not args.sweep:
+            raise UsageError(f"{flag} needs --sweep BASE_YAML")
     if not args.inputs and not args.sweep:
         raise UsageError("give summaries / run directories ([NAME=]PATH), or --sweep")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
     runs = sweep.plan(args.sweep, sweep.parse_grid(args.grid), Path(args.out) / "runs", args.set) if args.sweep else []
     if args.dry_run:
         for r in runs:

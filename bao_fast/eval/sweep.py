@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bao_fast.cli import UsageError
+from bao_fast.cli import RunError, UsageError
 from bao_fast.config import load_config
 
 
@@ -80,10 +80,10 @@ def plan(
 
 def execute(runs: Sequence[SweepRun]) -> Iterator[tuple[SweepRun, Path]]:
     """Run the trainings in order, streaming their output; yields each run with its directory. A failed
-    run stops the sweep with a RuntimeError naming it."""
+    run stops the sweep with a RunError naming it (its own error is in the output above: no traceback)."""
     for i, run in enumerate(runs, 1):
         print(f"[sweep {i}/{len(runs)}] {run.label}: {' '.join(run.command)}", flush=True)
         result = subprocess.run(run.command, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"sweep run {run.label!r} failed with exit code {result.returncode}")
+            raise RunError(f"sweep run {run.label!r} failed with exit code {result.returncode} (its output is above)")
         yield run, run.run_dir

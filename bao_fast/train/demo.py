@@ -37,8 +37,9 @@ def default_config_path() -> Path:
     return Path(str(resources.files("bao_fast.configs").joinpath(DEFAULT_CONFIG)))
 
 
-def report_markdown(models: dict[str, dict[str, Any]], max_k: int, wall_s: float) -> str:
-    """Markdown table: one row per model with Score, Pass@U-1..max_k, UR (95% CIs) and turns."""
+def report_markdown(models: dict[str, dict[str, Any]], max_k: int, wall_s: float, greedy: bool) -> str:
+    """Markdown table: one row per model with Score, Pass@U-1..max_k, UR (95% CIs) and turns; the title
+    says whether the evaluation decoded greedily (``eval.greedy``) or sampled."""
     header = ["model", "Score", *(f"Pass@U-{k}" for k in range(1, max_k + 1)), "UR", "turns", "episodes"]
     rows = []
     for label, s in models.items():
@@ -46,7 +47,8 @@ def report_markdown(models: dict[str, dict[str, Any]], max_k: int, wall_s: float
         ci = s.get("score_ci")
         rows.append([label, fmt_ci(s["score"], ci), *passes, fmt_ci(s["ur"], s.get("ur_ci")), f"{s['turns']:.2f}",
                      s["num_episodes"]])
-    title = f"# bao-fast demo\n\nGreedy evaluation on the held-out tasks; wall time {wall_s / 60:.1f} min.\n\n"
+    mode = "Greedy" if greedy else "Sampled"
+    title = f"# bao-fast demo\n\n{mode} evaluation on the held-out tasks; wall time {wall_s / 60:.1f} min.\n\n"
     return title + md_table(header, rows, "l" + "r" * (len(header) - 1))
 
 
@@ -55,9 +57,9 @@ def _pass(summary: dict[str, Any], k: int) -> float:
     return float(table[k] if k in table else table[str(k)])
 
 
-def plot_training(run_dir: Path, stem: Path) -> Path:
-    """Two panels against the RL step, from ``train.jsonl``: rollout reward with greedy eval Score and UR
-    (left); turns per episode and the mean BAO-shaped trajectory score (right)."""
+def plot_training(run_dir: Path, stem: Path, greedy: bool) -> Path:
+    """Two panels against the RL step, from ``train.jsonl``: rollout reward with the (greedy or sampled) eval
+    Score and UR (left); turns per episode and the mean BAO-shaped trajectory score (right)."""
     records = read_jsonl(run_dir / "train.jsonl")
     steps = [r for r in records if "reward" in r]
     evals = [r for r in records if "eval/score" in r]
@@ -66,11 +68,12 @@ def plot_training(run_dir: Path, stem: Path) -> Path:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
     left.plot(x, [r["reward"] for r in steps], marker=".", label="rollout reward")
-    left.plot(xe, [r["eval/score"] for r in evals], marker="o", label="eval Score (greedy)")
+    mode = "greedy" if greedy else "sampled"
+    left.plot(xe, [r["eval/score"] for r in evals], marker="o", label=f"eval Score ({mode})")
     left.plot(xe, [r["eval/ur"] for r in evals], marker="s", ls="--", label="eval UR")
     left.set_ylim(-0.02, 1.02)
     right.plot(x, [r["turns"] for r in steps], marker=".", label="rollout turns")
-    right.plot(xe, [r["eval/turns"] for r in evals], marker="o", label="eval turns (greedy)")
+    right.plot(xe, [r["eval/turns"] for r in evals], marker="o", label=f"eval turns ({mode})")
     right.plot(x, [r["score_shaped_mean"] for r in steps], marker="^", ls="--", label="shaped score (BAO)")
     for ax in (left, right):
         ax.set_xlabel("RL step")
@@ -86,10 +89,10 @@ def write_report(cfg: Config, evals: list[dict[str, Any]], wall_s: float) -> dic
     run_dir = Path(cfg.run_dir)
     models = {"SFT" if cfg.sft.enabled else "initial": evals[0], f"{cfg.algo.name.upper()} RL": evals[-1]}
     (run_dir / "report.json").write_text(json.dumps({"wall_s": wall_s, "models": models}, indent=1))
-    (run_dir / "report.md").write_text(report_markdown(models, cfg.eval.max_k, wall_s))
+    (run_dir / "report.md").write_text(report_markdown(models, cfg.eval.max_k, wall_s, cfg.eval.greedy))
     points = [point_from_summary(s, label) for label, s in models.items()]
     plot_pass_at_u(points, run_dir / "pass_at_u")
-    plot_training(run_dir, run_dir / "training")
+    plot_training(run_dir, run_dir / "training", cfg.eval.greedy)
     return {name: run_dir / name for name in ("report.json", "report.md", "pass_at_u.png", "training.png")}
 
 

@@ -91,7 +91,7 @@ def _play_wave(cfg: Config, teacher: Any, tasks: list[Any], attempts: range, poo
 
 def solved_episodes(cfg: Config) -> list[Messages]:
     """The dialogues of the first ``sft.num_trajectories`` solved attempts (see the module docstring).
-    Collective when a process group is up. ValueError when fewer than that are solved within
+    Collective when a process group is up. ConfigError when fewer than that are solved within
     ``MAX_ATTEMPTS_PER_TRAJECTORY`` times as many attempts."""
     n = cfg.sft.num_trajectories
     env = cfg.env
@@ -110,9 +110,9 @@ def solved_episodes(cfg: Config) -> list[Messages]:
                     solved.append(episode.messages)
             played = attempts.stop
     if len(solved) < n:
-        raise ValueError(
-            f"sft.num_trajectories: the teacher solved only {len(solved)} of {played} episodes, fewer than the "
-            f"{n} requested (env.max_turns={env.max_turns}, env.level={env.level}); lower "
+        raise ConfigError(
+            f"config key 'sft.num_trajectories': the teacher solved only {len(solved)} of {played} episodes, fewer "
+            f"than the {n} requested (env.max_turns={env.max_turns}, env.level={env.level}); lower "
             "sft.num_trajectories or give the teacher more turns"
         )
     return solved

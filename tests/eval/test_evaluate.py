@@ -296,6 +296,21 @@ def test_temperature_without_sample_is_an_error(tmp_path: Path) -> None:
         _cli(["--endpoint", "http://127.0.0.1:9", "--model", "m", "--temperature", "0.7", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    ("target", "flag"),
+    [
+        (["--endpoint", "http://127.0.0.1:9", "--model", "m"], ["--engine", "hf"]),
+        (["--checkpoint", "ckpt"], ["--model", "m"]),
+    ],
+)
+def test_flags_of_the_other_target_are_errors(tmp_path: Path, target: list[str], flag: list[str]) -> None:
+    """--engine only acts on a checkpoint and --model only on an endpoint: given with the other target they
+    would be silently ignored."""
+    with pytest.raises(UsageError, match=f"^{flag[0]} "):
+        _cli([*target, *flag, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_greedy_decoding_with_several_seeds_warns() -> None:
     def warning(*overrides: str) -> str | None:
         return repeated_seeds_warning(load_config(None, ["model.path=stub", *overrides]))
@@ -311,6 +326,32 @@ def test_default_label_tells_runs_apart(tmp_path: Path) -> None:
     ]
     assert labels == ["bao/final-model", "grpo/final-model"]
     assert evaluate.default_label(_args(["--endpoint", "http://x", "--model", "Qwen/Qwen3-8B"])) == "Qwen/Qwen3-8B"
+
+
+@pytest.mark.parametrize("stage", ["train", "eval"])
+def test_llm_user_gym_without_user_server_is_refused_up_front(stage: str) -> None:
+    """RL rollouts and evaluation of an LLM-user gym need env.user_base_url even when an LLM teacher is set
+    (its server stands in for the user only in SFT): refused before the run starts, not once SFT is done."""
+    teacher = ["sft.teacher=llm", "sft.teacher_base_url=http://127.0.0.1:9", "sft.teacher_model=t"]
+    cfg = load_config(None, ["model.tiny=true", "env.name=telepathy", *teacher])
+    with pytest.raises(ConfigError, match=r"^config key 'env\.user_base_url': the 'telepathy' gym's RL rollouts"):
+        evaluate.check_servers(cfg, stage)
+    evaluate.check_servers(cfg, "sft")  # the teacher's server is the user: not up yet, warned, not refused
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["env.name=nosuch"], r"^config key 'env\.name': no gym 'nosuch' is registered"),
+        (["--num-tasks", "100", "env.name=telepathy", "env.user_base_url=http://127.0.0.1:9", "env.user_model=u"],
+         r"^config key 'env\.num_eval_tasks' \(100 test tasks of the 'telepathy' gym\)"),
+    ],
+)
+def test_tasks_the_gym_cannot_supply_are_config_errors(tmp_path: Path, overrides: list[str], message: str) -> None:
+    """As for the trainer (bao_fast.train.runtime.config_tasks): the key at fault, not a bare ValueError."""
+    with pytest.raises(ConfigError, match=message):
+        _cli(["--endpoint", "http://127.0.0.1:9", "--model", "m", "--out", str(tmp_path / "x"), *overrides])
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_checks_the_served_models_before_playing(openai_stub, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bao_fast.cli import RunError, UsageError
 from bao_fast.eval import pareto, sweep
 from bao_fast.eval.pareto import ParetoPoint, load_point, load_summary, pareto_front, point_from_summary, write_outputs
 
@@ -123,6 +125,37 @@ def test_load_point_from_file_dir_and_run_dir(tmp_path: Path) -> None:
         load_summary(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "not a JSON evaluation summary"),
+        ('{"score": "abc", "ur": 0.1}', "'score' must be a finite number, got 'abc'"),
+        ('{"score": null, "ur": 0.1}', "'score' must be a finite number, got None"),
+        ('{"score": NaN, "ur": 0.1}', "'score' must be a finite number, got nan"),
+        ('{"score": 0.5, "ur": 0.1, "pass_at_u": {"a": 1}}', "'pass_at_u' keys must be k = 1, 2, ..."),
+        ('{"score": 0.5, "ur": 0.1, "pass_at_u": 3}', "'pass_at_u' must map k to Pass@U-k"),
+        ('{"score": 0.5, "ur": 0.1, "score_ci": ["a", 1]}', "'score_ci' must be a finite number"),
+        ('{"score": 0.5, "ur": 0.1, "turns": "many"}', "'turns' must be a finite number"),
+    ],
+)
+def test_malformed_summary_is_a_usage_error_naming_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    """A file that is not an evaluation summary is the user's input, not a bug: one line, exit status 2."""
+    path = tmp_path / "summary.json"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=re.escape(message)) as exc:
+        load_point(str(path))
+    assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--set", "train.steps=1"], ["--grid", "algo.name=bao,grpo"]])
+def test_sweep_flags_without_sweep_are_rejected(tmp_path: Path, flags: list[str]) -> None:
+    """--dry-run / --set / --grid only act on a sweep; alone they would be silently ignored (no output)."""
+    (tmp_path / "summary.json").write_text(json.dumps(_summary(0.4, 0.2)))
+    with pytest.raises(UsageError, match=f"{flags[0]} needs --sweep"):
+        _cli([str(tmp_path), "--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
 def test_write_outputs_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     specs = []
@@ -186,7 +219,7 @@ def test_sweep_execute_runs_commands_in_order_and_stops_on_failure(tmp_path: Pat
     assert [r.label for r, _ in done] == ["r0", "r1"]
     assert [load_point(f"{r.label}={d}").score for r, d in done] == [0.0, pytest.approx(0.1)]
     failing = [sweep.SweepRun("bad", tmp_path / "bad", (), (sys.executable, "-c", "raise SystemExit(4)"))]
-    with pytest.raises(RuntimeError, match="'bad' failed with exit code 4"):
+    with pytest.raises(RunError, match="'bad' failed with exit code 4"):  # one line and exit status 1, no traceback
         list(sweep.execute(failing))
 
 

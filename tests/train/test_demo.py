@@ -33,3 +33,14 @@ def test_write_report(tmp_path: Path) -> None:
     assert "| 0.750 | 1.000 |" in rl_row  # Pass@U-1 = 3/4, Pass@U-2 = 1
     report = json.loads(paths["report.json"].read_text())
     assert report["wall_s"] == 90.0 and set(report["models"]) == {"SFT", "BAO RL"}
+
+
+def test_report_names_the_decoding(tmp_path: Path) -> None:
+    """eval.greedy=false: the demo evaluated by sampling, and its report must not say greedy."""
+    summary = {"step": 0, **summarize([{"choices": ["answer"], "rewards": [1.0], "success": True}] * 2)}
+    lines = [{"step": 0, "eval/score": 1.0, "eval/ur": 1.0, "eval/turns": 1.0},
+             {"step": 1, "reward": 0.5, "turns": 1.0, "score_shaped_mean": 0.0}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    for greedy, title in ((True, "Greedy evaluation"), (False, "Sampled evaluation")):
+        cfg = load_config(default_config_path(), [f"run_dir={tmp_path}", f"eval.greedy={str(greedy).lower()}"])
+        assert title in write_report(cfg, [summary, summary], wall_s=1.0)["report.md"].read_text()

@@ -87,7 +87,7 @@ def test_too_few_solved_episodes_is_an_error(monkeypatch: pytest.MonkeyPatch) ->
     fake = _FakeTeacher(every=0)
     monkeypatch.setattr(sft_data, "sft_teacher", lambda cfg: fake)
     cfg = load_config(DEMO_CONFIG, ["sft.num_trajectories=2"])
-    with pytest.raises(ValueError, match=r"sft\.num_trajectories: the teacher solved only 0 of 8 episodes"):
+    with pytest.raises(ConfigError, match=r"'sft\.num_trajectories': the teacher solved only 0 of 8 episodes"):
         teacher_dataset(cfg, load_tokenizer())
     assert fake.attempts == 2 * MAX_ATTEMPTS_PER_TRAJECTORY
 
