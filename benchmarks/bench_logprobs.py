@@ -10,11 +10,12 @@ with the reason.
 
 Reports per implementation and shape: median fwd+bwd time over ``--repeats`` runs after warm-up, effective
 TFLOP/s (``6*N*H*V`` flops, PERF.md's count), peak extra memory, workspace (that peak less the gradients and
-outputs every implementation must hold) and max abs error of logp / entropy against the fp64 reference.
+outputs every implementation must hold), max abs error of logp / entropy against the fp64 reference and the
+relative error (max abs error / max abs value) of the gradients of the timed step against fp64.
 ``bao_fast`` recomputes the logits in its backward (the price of never storing them and of accumulating dW in
 fp32 over all rows), so it executes ``8*N*H*V`` flops; its rows also report that executed rate. Peak memory is
-the CUDA allocator peak on a GPU; on the CPU it is the RSS peak of one warm fwd+bwd in a fresh subprocess (see
-``cpu_peak_memory``).
+that of one warm fwd+bwd (after the timed runs, so compilation and autotuning are not counted): the CUDA
+allocator peak on a GPU, the peak of CPU tensor allocations on the CPU (``common.peak_memory``).
 Writes ``benchmarks/results/logprobs-<device>.json``.
 
     python benchmarks/bench_logprobs.py                  # preset by device: gpu on CUDA, cpu otherwise
@@ -26,9 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -59,15 +57,16 @@ class Case:
     repeats: int
 
 
-def presets(name: str, repeats: int, quick: bool, head_only: bool = False) -> list[Case]:
-    """PERF.md's headline shape of the preset first, then a sweep over N and V."""
+def presets(name: str, repeats: int | None, quick: bool, head_only: bool = False) -> list[Case]:
+    """PERF.md's headline shape of the preset first, then a sweep over N and V; ``repeats`` None: the defaults
+    (20, but 3 for the CPU headline shape)."""
     if name == "gpu":
-        head = [Case(16384, 4096, 151936, "bfloat16", repeats)]
-        sweep = [Case(n, 4096, v, "bfloat16", repeats) for n in (4096, 8192, 16384) for v in (32000, 128256)]
+        head = [Case(16384, 4096, 151936, "bfloat16", repeats or 20)]
+        sweep = [Case(n, 4096, v, "bfloat16", repeats or 20) for n in (4096, 8192, 16384) for v in (32000, 128256)]
     else:
-        # 2 CPU cores: the headline shape takes ~15-25 s per fwd+bwd, so it gets at most 3 timed repeats.
-        head = [Case(8192, 512, 32000, "float32", min(repeats, 3))]
-        sweep = [Case(n, 512, v, "float32", repeats) for n in (512, 2048) for v in (4096, 16384)]
+        # 2 CPU cores: the headline shape takes ~15-25 s per fwd+bwd, so by default it gets 3 timed repeats.
+        head = [Case(8192, 512, 32000, "float32", repeats or 3)]
+        sweep = [Case(n, 512, v, "float32", repeats or 20) for n in (512, 2048) for v in (4096, 16384)]
     if quick:
         return sweep[:1]
     return head if head_only else head + sweep
@@ -123,7 +122,8 @@ def implementations(device: torch.device, with_compile: bool) -> dict[str, tuple
         "bao_fast": (fused(True), ""),
         "bao_fast_no_entropy": (fused(False), ""),
     }
-    impls["compile"] = (torch.compile(eager), "") if with_compile else (None, "--no-compile was given")
+    # Static shapes: each case compiles its own kernels (``bench_case`` resets dynamo's caches per case).
+    impls["compile"] = (torch.compile(eager, dynamic=False), "") if with_compile else (None, "--no-compile was given")
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):
         impls["torch_chunked_ce"] = (torch_chunked_ce, "")
     else:
@@ -150,6 +150,28 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def reference_grads(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dhidden and dweight of ``make_step``'s loss computed in fp64, a few thousand rows at a time like
+    ``reference``; returned in fp32 (half the memory they hold while a case runs)."""
+    rows = max(1, (1 << 28) // (8 * weight.shape[0]))
+    weight64 = weight.detach().double().requires_grad_()
+    dhidden = torch.empty(hidden.shape, dtype=torch.float64, device=hidden.device)
+    for i in range(0, hidden.shape[0], rows):
+        part = hidden[i : i + rows].detach().double().requires_grad_()
+        logp, ent = token_logprobs_reference(part, weight64, targets[i : i + rows], return_entropy=True)
+        loss = (logp * grad[i : i + rows]).sum() + (ent.sum() if with_entropy else 0.0)
+        loss.backward()
+        dhidden[i : i + rows] = part.grad
+    return dhidden.float(), weight64.grad.float()
+
+
+def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |value - ref| / max |ref| (in fp32, as ``ref`` is)."""
+    return ((value.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
 def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, ...]:
     """hidden ``[N, H]``, weight ``[V, H]`` (leaves), targets int64 ``[N]``, upstream grad f32 ``[N]``."""
     dtype = DTYPES[case.dtype]
@@ -172,32 +194,11 @@ def make_step(fn: LogprobFn, hidden: torch.Tensor, weight: torch.Tensor, targets
     return step
 
 
-def cpu_peak_memory(name: str, case: Case) -> int:
-    """RSS peak (bytes) of one fwd+bwd of implementation ``name``, measured in a fresh Python process after
-    one warm-up step (imports and code pages are not counted). glibc's mmap threshold is pinned at 64 KiB
-    there, so every tensor buffer is mapped on allocation and unmapped on free: RSS tracks live memory."""
-    cmd = [sys.executable, __file__, "--probe-memory", json.dumps({"impl": name, **asdict(case)})]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return int(out.strip().splitlines()[-1])
-
-
-def probe_memory(spec: str) -> None:
-    """Child side of ``cpu_peak_memory``: prints the peak extra RSS in bytes."""
-    fields = json.loads(spec)
-    name = fields.pop("impl")
-    device = torch.device("cpu")
-    fn, reason = implementations(device, with_compile=name == "compile")[name]
-    if fn is None:
-        raise SystemExit(reason)
-    hidden, weight, targets, grad = make_inputs(Case(**fields), device)
-    step = make_step(fn, hidden, weight, targets, grad)
-    step()
-    hidden.grad = weight.grad = None  # as on the GPU: the measured step's gradients count towards its peak
-    print(peak_memory(step, device))
-
-
 def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobFn | None, str]]) -> list[dict]:
+    # Compiled baselines get a graph specialised to this shape, as in a trainer with a fixed shape: without the
+    # reset, the second shape recompiles with dynamic sizes (torch.compile's default) or, with dynamic=False,
+    # the cases' static graphs together pass dynamo's recompile limit and the last cases run eagerly.
+    torch._dynamo.reset()
     hidden, weight, targets, grad = make_inputs(case, device)
     with torch.no_grad():
         ref_logp, ref_ent = reference(hidden, weight, targets)
@@ -205,6 +206,7 @@ def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobF
     # Bytes every implementation must hold at its peak: dhidden, dweight (input dtype), logp and entropy (fp32).
     required = (case.n * case.h + case.v * case.h) * hidden.element_size() + 2 * 4 * case.n
     rows: list[dict] = []
+    ref_grads: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # by with_entropy, computed when first needed
     eager_ms = eager_mem = eager_ws = None
     for name, (fn, reason) in impls.items():
         row = {"impl": name, **asdict(case)}
@@ -218,12 +220,16 @@ def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobF
                 logp, ent = fn(hidden, weight, targets)
             row["logp_max_err"] = (logp.double() - ref_logp).abs().max().item()
             row["entropy_max_err"] = (ent.double() - ref_ent).abs().max().item() if ent is not None else None
+            with_entropy = ent is not None
             del logp, ent
-            if device.type == "cuda":
-                row["peak_mem_mb"] = peak_memory(step, device) / 2**20
-            else:
-                row["peak_mem_mb"] = cpu_peak_memory(name, case) / 2**20
             timing = timeit_median(step, warmup=1, repeats=case.repeats, device=device)
+            hidden.grad = weight.grad = None  # the measured step's gradients count towards its peak
+            row["peak_mem_mb"] = peak_memory(step, device) / 2**20
+            if with_entropy not in ref_grads:
+                ref_grads[with_entropy] = reference_grads(hidden, weight, targets, grad, with_entropy)
+            ref_dhidden, ref_dweight = ref_grads[with_entropy]
+            row["dhidden_rel_err"] = rel_err(hidden.grad, ref_dhidden)
+            row["dweight_rel_err"] = rel_err(weight.grad, ref_dweight)
         except torch.OutOfMemoryError as err:
             rows.append({**row, "skipped": f"out of memory: {str(err).splitlines()[0]}"})
             continue
@@ -269,6 +275,8 @@ def table_row(row: dict) -> dict[str, str]:
         "x eager": fmt("speedup_vs_eager", ".2f"),
         "logp err": fmt("logp_max_err", ".1e"),
         "ent err": fmt("entropy_max_err", ".1e"),
+        "dH rel err": fmt("dhidden_rel_err", ".1e"),
+        "dW rel err": fmt("dweight_rel_err", ".1e"),
     }
 
 
@@ -276,15 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=("cpu", "gpu"), default=None, help="default: by device")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; CPU headline 3)")
     parser.add_argument("--quick", action="store_true", help="one small shape, no results file (smoke run)")
     parser.add_argument("--head-only", action="store_true", help="only the preset's headline (PERF.md) shape")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--probe-memory", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.probe_memory:
-        probe_memory(args.probe_memory)
-        return
     device = torch.device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     impls = implementations(device, with_compile=not args.no_compile)

@@ -11,6 +11,9 @@ So the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM
 buffers are reused: the steady state of a training loop, and what jemalloc / tcmalloc give); the setting is
 recorded in the JSON. ``--default-allocator`` measures with glibc's defaults instead.
 
+``peak_extra_MB`` is the peak of tensor allocations (``common.peak_memory``): the Python reference's lists
+and the C++ op's host-side vectors are not in it.
+
 Writes benchmarks/results/pack_multiturn-<device>.json and prints a table.
 """
 

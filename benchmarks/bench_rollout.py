@@ -11,10 +11,12 @@ does not depend on what the model writes). Configurations, in the same run and o
   drives an engine), the baseline that batching across episodes is measured against. They are slow by
   design and timed ``--baseline-repeats`` times (default 3), the batched runs ``--repeats`` times (20).
 
-Reports the median wall time of a rollout, episodes/s, generated tokens/s (assistant tokens) and total
-tokens/s (prompt + feedback + generated, the tokens a trainer then packs). Models: ``tiny`` (the test
-model, fp32 on the CPU) or ``qwen`` (GPU only: a random-weight Qwen2 with Qwen3-4B's layer shapes,
-hidden 2560, 36 layers, 32/8 heads of 128, MLP 9728, bf16, vocabulary 2048 of the shipped tokenizer).
+Reports the median wall time of a rollout, episodes/s, generated tokens/s (assistant tokens), total
+tokens/s (prompt + feedback + generated, the tokens a trainer then packs) and the peak extra tensor memory of
+one rollout (``common.peak_memory``; a vLLM engine's KV cache is allocated at start-up, not counted).
+Models: ``tiny`` (the test model, fp32 on the CPU) or ``qwen`` (GPU only: a random-weight Qwen2 with
+Qwen3-4B's layer shapes, hidden 2560, 36 layers, 32/8 heads of 128, MLP 9728, bf16, vocabulary 2048 of the
+shipped tokenizer).
 Writes ``benchmarks/results/rollout-<device>.json``.
 
     python benchmarks/bench_rollout.py                           # tiny model, CPU-sized workload
@@ -38,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, timeit_median, write_results
+from common import peak_memory, print_table, timeit_median, write_results
 
 from bao_fast.config import RolloutConfig
 from bao_fast.envs.base import Gym, StepResult
@@ -157,6 +159,8 @@ def main() -> None:
                     "total_tokens_per_s": sum(t.num_tokens for t in trajs) / seconds,
                     "engine_init_s": init_s,
                     "repeats": stats["repeats"],
+                    "peak_mem_MB": peak_memory(lambda e=engine, s=sequential: rollout(e, tokenizer, args, s), device)
+                    / 2**20,
                 }
             )
         if name == "vllm":

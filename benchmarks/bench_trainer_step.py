@@ -166,6 +166,7 @@ def bench_config(args: argparse.Namespace, run_dir: Path, on_gpu: bool) -> Confi
 def run_steps(cfg: Config, model_path: Path, steps: int) -> tuple[dict[str, Any], list[Trajectory]]:
     """Warm-up step + ``steps`` instrumented steps; per-phase medians, shares and the step's throughput."""
     env = init_distributed()
+    peak_key = "peak_memory_MB" if env.device.type == "cuda" else "peak_process_rss_MB"
     tokenizer = load_tokenizer(model_path)
     s = rl.setup(cfg, env, model_path, tokenizer)
     state = rl.RLState(
@@ -204,7 +205,9 @@ def run_steps(cfg: Config, model_path: Path, steps: int) -> tuple[dict[str, Any]
         "step_median_ms": 1e3 * statistics.median(p["step"] for p in per_step),
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in reported),
         "generated_tokens_per_s": statistics.median(p["generated_tokens"] / p["generate"] for p in per_step),
-        "peak_memory_MB": max(m["peak_memory_gb"] for m in reported) * 1024,
+        # The trainer's figure: CUDA max_memory_allocated on a GPU; on the CPU the process's lifetime peak RSS
+        # (ru_maxrss: model loading and the rollout engine included), not the step's.
+        peak_key: max(m["peak_memory_gb"] for m in reported) * 1024,
         "trainer_reported_ms": {
             k.split("/", 1)[1]: 1e3 * statistics.median(m[k] for m in reported)
             for k in reported[0]
@@ -280,6 +283,7 @@ def packing_vs_padding(
                     **case,
                     "median_ms": timing["median_ms"],
                     "min_ms": timing["min_ms"],
+                    "repeats": timing["repeats"],
                     "peak_mem_MB": peak_memory(fn, device) / 2**20,
                     "max_abs_diff": float((torch.cat(fn()).double() - reference).abs().max()),
                 }

@@ -2,40 +2,44 @@
 
 API:
 
-* ``device_info(device) -> dict``: device name, CPU/GPU model, thread count, torch/triton/CUDA versions,
-  1-minute load average (CPU timings are only as good as the machine was idle).
+* ``device_info(device) -> dict``: device, its name (the GPU's, or the CPU model), thread count,
+  torch/triton/CUDA versions, 1-minute load average (CPU timings are only as good as the machine was idle).
 * ``timeit_median(fn, warmup=3, repeats=20, device=None) -> dict``: runs ``fn()`` ``warmup`` times, then
   times ``repeats`` calls; CUDA events on a CUDA device, ``time.perf_counter`` otherwise. Returns
   ``{"median_ms", "min_ms", "max_ms", "repeats"}``.
-* ``peak_memory(fn, device) -> int``: peak extra bytes while ``fn()`` runs: CUDA ``max_memory_allocated``
-  above the starting allocation on a GPU; on the CPU the peak process-RSS delta sampled by a background
-  thread (coarse; pair it with ``tensor_bytes`` for an exact lower bound).
+* ``peak_memory(fn, device) -> int``: peak extra tensor bytes while ``fn()`` runs (its result included):
+  CUDA ``max_memory_allocated`` above the starting allocation on a GPU; on the CPU the peak of the CPU
+  allocator's running total in the profiler's allocation events (``cpu_tensor_peak``). Process RSS is not
+  used: glibc reuses and keeps freed heap memory, so RSS deltas miss most tensor traffic.
+* ``cpu_tensor_peak(fn) -> int``: that CPU measurement. Counts tensor storage allocated through torch's CPU
+  allocator on the calling thread (and autograd's, which is the same on the CPU); not Python objects,
+  NumPy arrays or allocations inside a C++ op that bypass the allocator.
 * ``tensor_bytes(obj) -> int``: bytes held by the tensors in a (nested) tuple/list/dict/dataclass.
 * ``hbm_bytes_per_s(device) -> float | None``: the GPU's spec-sheet memory bandwidth (H100 / H200 / A100
   variants by name; None elsewhere), the denominator of ``pct_of_hbm``.
 * ``write_results(op, payload, device) -> Path``: writes ``benchmarks/results/<op>-<device>.json`` with
-  ``device_info`` merged in, and returns the path.
+  ``device_info`` and the write time merged in, and returns the path.
 * ``print_table(rows, title=None)``: prints a list of flat dicts as a rich table (columns from the keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch._C._profiler import _EventType
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -54,12 +58,22 @@ def device_tag(device: torch.device | str | None = None) -> str:
     return dev.type
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` is empty there)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions and hardware of this run, merged into every results file."""
     dev = _as_device(device)
     info: dict[str, Any] = {
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
@@ -77,7 +91,8 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
     return info
 
 
-_HBM_BYTES_PER_S = (  # spec-sheet bandwidths, most specific name first
+_HBM_BYTES_PER_S: tuple[tuple[str, float | None], ...] = (  # spec-sheet bandwidths, most specific name first
+    ("gh200", None),  # 4.0 or 4.9 TB/s by memory variant: unknown from the name, and it contains "h200"
     ("h200", 4.8e12), ("h100 nvl", 3.9e12), ("h100 pcie", 2.0e12), ("h100", 3.35e12),
     ("a100-sxm4-80gb", 2.039e12), ("a100 80gb pcie", 1.935e12), ("a100", 1.555e12),
 )
@@ -135,37 +150,37 @@ def timeit_median(
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
-    """Peak extra bytes allocated while ``fn()`` runs (see the module docstring for the CPU caveat)."""
+    """Peak extra tensor bytes while ``fn()`` runs, its result included (see the module docstring)."""
     dev = _as_device(device)
-    if dev.type == "cuda":
-        _sync(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        out = fn()
-        _sync(dev)
-        del out
-        return max(0, torch.cuda.max_memory_allocated(dev) - base)
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = base
-    done = threading.Event()
+    if dev.type != "cuda":
+        return cpu_tensor_peak(fn)
+    _sync(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    out = fn()
+    _sync(dev)
+    del out
+    return max(0, torch.cuda.max_memory_allocated(dev) - base)
 
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(1e-3)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+def cpu_tensor_peak(fn: Callable[[], object]) -> int:
+    """Peak extra bytes of CPU tensor storage while ``fn()`` runs, its result included: every allocation event
+    of a memory-profiling run carries the CPU allocator's running total after it, so the peak is the largest
+    total less the total before the first event (frees of tensors older than the run are not reported)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
-        peak = max(peak, proc.memory_info().rss)
         del out
-    finally:
-        done.set()
-        sampler.join()
-    return max(0, peak - base)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields))
+    if not events:
+        return 0
+    first = min(events, key=lambda e: e[0])[1]
+    base = first.total_allocated - first.alloc_size
+    return max(0, max(fields.total_allocated for _, fields in events) - base)
 
 
 def tensor_bytes(obj: object) -> int:
@@ -182,10 +197,12 @@ def tensor_bytes(obj: object) -> int:
 
 
 def write_results(op: str, payload: dict[str, Any], device: torch.device | str | None = None) -> Path:
-    """Write ``payload`` plus ``device_info`` to ``benchmarks/results/<op>-<device>.json``; return the path."""
+    """Write ``payload`` plus ``device_info`` and the UTC write time (``bao-fast bench --quick`` refreshes only
+    some files) to ``benchmarks/results/<op>-<device>.json``; return the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{op}-{device_tag(device)}.json"
-    record = {"op": op, **device_info(device), **payload}
+    written = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record = {"op": op, **device_info(device), "written_utc": written, **payload}
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return path
 

@@ -93,15 +93,15 @@ def _cuda_available() -> bool:
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
     """Every ``<op>-<device>.json`` record of ``results_dir``, in file-name order; the file name is kept
-    under ``"_file"``. A file that is not a JSON object raises ValueError naming it."""
+    under ``"_file"``. A file that is not a JSON object raises UsageError naming it."""
     records = []
     for path in sorted(results_dir.glob("*.json")):
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            raise UsageError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: a results file must hold one JSON object")
+            raise UsageError(f"{path}: a results file must hold one JSON object")
         records.append({"_file": path.name, **record})
     return records
 
@@ -109,7 +109,7 @@ def load_results(results_dir: Path) -> list[dict[str, Any]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--only", nargs="+", default=[], metavar="WORD", help="run scripts whose name contains WORD")
-    parser.add_argument("--quick", action="store_true", help="small sizes (pass --quick to every script)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (passed to the scripts that declare --quick)")
     parser.add_argument("--report-only", action="store_true", help="do not run anything; render the report")
     parser.add_argument("--timeout", type=float, default=None, metavar="S", help="per-script time limit")
     parser.add_argument("--bench-dir", type=Path, default=None, help="directory of bench_*.py (default: ./benchmarks)")
@@ -122,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     from bao_fast.eval.report import benchmark_report
 
     bench_dir = (args.bench_dir or default_bench_dir()).resolve()
+    if args.report_only and (args.only or args.quick or args.timeout is not None):
+        raise UsageError("--report-only runs nothing: drop --only / --quick / --timeout")
+    if not bench_dir.is_dir():
+        raise FileNotFoundError(f"--bench-dir: {bench_dir} is not a directory")
     failed: list[ScriptRun] = []
     if not args.report_only:
         runs = [run_script(s, args.quick, args.timeout) for s in discover(bench_dir, args.only)]
@@ -136,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = args.out or results_dir / REPORT_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(benchmark_report(records))
+    try:
+        report = benchmark_report(records)
+    except ValueError as exc:  # a results file without the fields the report needs (named in the message)
+        raise UsageError(str(exc)) from exc
+    out.write_text(report)
     print(f"report: {out} ({len(records)} result files)")
     if failed:
         print(

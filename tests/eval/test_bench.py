@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bao_fast import cli
 from bao_fast.eval import bench
 from bao_fast.eval.bench import discover, load_results, run_script
 from bao_fast.eval.report import benchmark_report, case_table
@@ -195,3 +196,45 @@ def test_failing_script_fails_the_run(tmp_path: Path) -> None:
     assert (bench_dir / "results" / "REPORT.md").exists()  # the report is still rendered
     (bench_dir / "bench_sleep.py").write_text("import time\ntime.sleep(30)\n")
     assert run_script(bench_dir / "bench_sleep.py", quick=False, timeout=0.5).returncode == -1
+
+
+def test_bench_cli_errors_are_one_line_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench_dir = tmp_path / "benchmarks"
+    cases = [
+        (["--report-only", "--only", "fake"], "--report-only runs nothing"),
+        (["--report-only"], "is not a directory"),  # no --bench-dir there
+    ]
+    for argv, message in cases:
+        assert cli.main(["bench", "--bench-dir", str(bench_dir), *argv]) == 2
+        assert message in capsys.readouterr().err
+    _write(bench_dir / "results", "x-cpu.json", {"op": "x", "numbers": [1, 2]})
+    assert cli.main(["bench", "--bench-dir", str(bench_dir), "--report-only"]) == 2
+    assert "x-cpu.json: no per-implementation rows" in capsys.readouterr().err
+    (bench_dir / "results" / "x-cpu.json").write_text("{")
+    assert cli.main(["bench", "--bench-dir", str(bench_dir), "--report-only"]) == 2
+    assert "x-cpu.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_every_committed_result_is_rendered() -> None:
+    """Each ``benchmarks/results/*.json`` gets an index line and a section with its rows and device."""
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    records = load_results(results)
+    assert records
+    report = benchmark_report(records)
+    for record in records:
+        assert f"`{record['_file']}` |" in report
+        assert f"## {record['op']} on " in report
+        for key in ("torch", "device_name"):
+            assert key in record, (record["_file"], key)
+
+
+def test_ratios_other_than_speed_ups_are_reported() -> None:
+    """mem_vs_eager is PERF.md's CPU memory target and max_abs_diff_vs_padded a correctness figure: shown."""
+    rows = [
+        {"impl": "eager", "median_ms": 4.0, "speedup_vs_eager": 1.0, "mem_vs_eager": 1.0},
+        {"impl": "fast", "median_ms": 2.0, "speedup_vs_eager": 2.0, "mem_vs_eager": 0.02,
+         "max_abs_diff_vs_padded": 0.5},
+    ]
+    _, table = case_table(rows)
+    header = table.splitlines()[0]
+    assert "mem_vs_eager" in header and "max_abs_diff_vs_padded" in header and "speedup" not in header
