@@ -13,7 +13,9 @@
   ``external_launcher`` executor: it lives in this process and joins the ranks ``torchrun`` started
   (``tensor_parallel_size`` consecutive ranks share one model replica and must submit the same prompts
   and params to ``generate``, see ``bao_fast.rollout.tp_group``; with 1, every rank plays its own episodes).
-  Otherwise it runs single-process (``uni``), with ``tensor_parallel_size`` 1 only. Weight sync is the same
+  On the CPU with ``tensor_parallel_size`` > 1 the ranks first clear the shared-memory files a killed run
+  left (``bao_fast.rollout.cpu_shm``), which would otherwise fail vLLM's start-up. Without ``torchrun``
+  the engine runs single-process (``uni``), with ``tensor_parallel_size`` 1 only. Weight sync is the same
   for every ``tensor_parallel_size``: each rank pushes the full tensors and vLLM's loaders keep its shard.
   Either way the engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is what lets
   ``load_weights`` hand vLLM a lazy iterator instead of serialising tensors.
@@ -37,14 +39,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from bao_fast.config import RolloutConfig
+from bao_fast.rollout.cpu_shm import cpu_shm_in_use, remove_stale_cpu_shm
 from bao_fast.rollout.engine import Generation, GenerationParams, check_context_length, validate_prompts
 from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.rollout.weight_sync import iter_full_weights
@@ -70,6 +75,15 @@ def quiet_rotary_reload_warning() -> None:
     logger = logging.getLogger(_RELOAD_LOGGER)
     if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
         logger.addFilter(RotaryReloadFilter())
+
+
+def clear_stale_cpu_shm() -> None:
+    """Every rank deletes the communicator files a killed CPU tensor-parallel run left (``rollout.cpu_shm``),
+    then waits for the others, so that no rank creates its own file while another is still clearing."""
+    for path in remove_stale_cpu_shm():
+        print(f"removed stale vLLM-cpu shared memory {path} (no live process maps it)", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def reprocess_tied_embeddings(worker: Any) -> int:
@@ -158,7 +172,19 @@ class VLLMEngine:
             )
         else:
             kwargs.update(kv_cache_memory_bytes=int(cfg.cpu_kv_cache_gib * 2**30), enforce_eager=True)
-        llm = LLM(**kwargs)
+        cpu_tp = launched and not on_gpu and cfg.tensor_parallel_size > 1
+        if cpu_tp:
+            clear_stale_cpu_shm()
+        try:
+            llm = LLM(**kwargs)
+        except RuntimeError as exc:
+            if cpu_tp and "SHMManager" in str(exc):
+                held = ", ".join(f"{path} (pid {pid})" for path, pid in cpu_shm_in_use().items()) or "none found"
+                raise RuntimeError(
+                    f"vLLM-cpu could not create its tensor-parallel shared memory ({exc}). It names those files after "
+                    f"the group's ranks only, so two CPU tensor-parallel runs cannot share a machine; in use: {held}"
+                ) from exc
+            raise
         quiet_rotary_reload_warning()
         return cls(
             llm,

