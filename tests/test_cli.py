@@ -12,6 +12,8 @@ import pytest
 from bao_fast.cli import COMMANDS, build_parser, main
 from bao_fast.eval import pareto
 
+DEMO_CONFIG = str(Path(__file__).parents[1] / "configs" / "demo-cpu.yaml")
+
 
 def test_every_subcommand_is_listed_in_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -76,6 +78,8 @@ def test_unknown_flag_names_the_command(argv: list[str], flag: str, capsys: pyte
         (["eval", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--config", "{tmp}"],
          "bao-fast eval: {tmp}: Is a directory"),
         (["demo", "--config", "{tmp}"], "bao-fast demo: {tmp}: Is a directory"),
+        (["sft", "--config", "{demo}", "sft.enabled=false"],
+         "bao-fast sft: sft.enabled is false: nothing to train (bao-fast train runs RL without SFT)"),
         (["eval", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--out", "{tmp}/file"],
          "bao-fast eval: --out {tmp}/file is a file; give a directory"),
         (["pareto", "{tmp}", "--out", "{tmp}/file"], "bao-fast pareto: --out {tmp}/file is a file; give a directory"),
@@ -87,7 +91,7 @@ def test_user_errors_print_one_line_and_exit_2(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "file").write_text("not a directory, nor a summary")
-    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert main([a.format(tmp=tmp_path, demo=DEMO_CONFIG) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message.format(tmp=tmp_path)) and len(err.splitlines()) == 1 and "Traceback" not in err
 

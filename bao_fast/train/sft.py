@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
+from bao_fast.cli import UsageError
 from bao_fast.config import Config, config_to_dict, load_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
@@ -264,6 +265,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """SFT only: writes ``<run_dir>/sft-model`` (use ``bao-fast train`` to continue with RL)."""
     cfg = load_config(args.config, args.overrides)
+    if not cfg.sft.enabled:
+        raise UsageError("sft.enabled is false: nothing to train (bao-fast train runs RL without SFT)")
     try:
         path = run_sft(cfg)
         if dist.get_rank() == 0:
