@@ -39,7 +39,8 @@ def default_config_path() -> Path:
 
 def report_markdown(models: dict[str, dict[str, Any]], max_k: int, wall_s: float, greedy: bool) -> str:
     """Markdown table: one row per model with Score, Pass@U-1..max_k, UR (95% CIs) and turns; the title
-    says whether the evaluation decoded greedily (``eval.greedy``) or sampled."""
+    says whether the evaluation decoded greedily (``eval.greedy``) or sampled, and how long this command took
+    (``wall_s``)."""
     header = ["model", "Score", *(f"Pass@U-{k}" for k in range(1, max_k + 1)), "UR", "turns", "episodes"]
     rows = []
     for label, s in models.items():
@@ -48,7 +49,8 @@ def report_markdown(models: dict[str, dict[str, Any]], max_k: int, wall_s: float
         rows.append([label, fmt_ci(s["score"], ci), *passes, fmt_ci(s["ur"], s.get("ur_ci")), f"{s['turns']:.2f}",
                      s["num_episodes"]])
     mode = "Greedy" if greedy else "Sampled"
-    title = f"# bao-fast demo\n\n{mode} evaluation on the held-out tasks; wall time {wall_s / 60:.1f} min.\n\n"
+    title = (f"# bao-fast demo\n\n{mode} evaluation on the held-out tasks. This command took {wall_s / 60:.1f} min "
+             "(a rerun resumes from the run's checkpoints and repeats no finished step).\n\n")
     return title + md_table(header, rows, "l" + "r" * (len(header) - 1))
 
 

@@ -31,6 +31,7 @@ def test_write_report(tmp_path: Path) -> None:
     assert "| SFT | 0.000" in table and "| BAO RL | 1.000" in table and "Pass@U-6" in table
     rl_row = next(line for line in table.splitlines() if line.startswith("| BAO RL"))
     assert "| 0.750 | 1.000 |" in rl_row  # Pass@U-1 = 3/4, Pass@U-2 = 1
+    assert "This command took 1.5 min" in table
     report = json.loads(paths["report.json"].read_text())
     assert report["wall_s"] == 90.0 and set(report["models"]) == {"SFT", "BAO RL"}
 
