@@ -43,6 +43,11 @@ from torch._C._profiler import _EventType
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# Kineto (torch.profiler) prints a USDT line on stderr at every profiler start and stop, and cpu_tensor_peak
+# profiles each measurement. Only level 6 (above all of its levels) hides them, its own errors with them; an
+# exported KINETO_LOG_LEVEL wins.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
 
 def _as_device(device: torch.device | str | None) -> torch.device:
     if device is None:
