@@ -9,6 +9,8 @@ import pytest
 
 from bao_fast.algo import preset
 from bao_fast.config import Config, ConfigError, load_config, parse_overrides, save_config
+from bao_fast.eval.evaluate import check_servers
+from bao_fast.train.runtime import check_world_size, config_tasks
 
 TINY = ["model.tiny=true"]
 
@@ -124,14 +126,43 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert load_config(tmp_path / "c.yaml") == cfg
 
 
-@pytest.mark.parametrize("name", ["demo-cpu.yaml", "functiongym-qwen3-4b-bao.yaml"])
+SHIPPED = sorted(p.name for p in resources.files("bao_fast.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def shipped(name: str) -> Path:
+    return Path(str(resources.files("bao_fast.configs").joinpath(name)))
+
+
+def test_every_config_is_shipped() -> None:
+    assert {"demo-cpu.yaml", "functiongym-qwen3-4b-bao.yaml", "telepathy-qwen3-4b-bao.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load(name: str) -> None:
-    path = resources.files("bao_fast.configs").joinpath(name)
     overrides = [] if name.startswith("demo") else ["model.path=/ckpt/Qwen3-4B"]
-    cfg = load_config(Path(str(path)), overrides)
+    cfg = load_config(shipped(name), overrides)
     assert cfg.algo.name == "bao" and cfg.algo.shaping == preset("bao", horizon=cfg.env.max_turns)
     if name.startswith("demo"):
         assert cfg.model.tiny and cfg.sft.enabled and cfg.env.name == "function"
     else:
         assert cfg.rollout.group_size == 8 and cfg.rollout.prompts_per_step == 128 and cfg.optim.lr == 1e-6
         assert cfg.algo.shaping.info_seeking_coef == 0.005 and cfg.algo.shaping.overthinking_coef == 0.05
+
+
+@pytest.mark.parametrize(
+    ("gym", "overrides", "turns"),
+    [("telepathy", [], 12), ("turtle", ["env.num_train_tasks=9", "env.num_eval_tasks=3"], 15),
+     ("intention", ["env.num_train_tasks=8", "env.num_eval_tasks=2"], 10)],
+)
+def test_llm_gym_config_runs_the_gyms_it_names(gym: str, overrides: list[str], turns: int) -> None:
+    """What the telepathy config's header says: each LLM-user gym with its own budget T and the built-in tasks
+    at the counts given, on 8 ranks, refused without the user simulator's address."""
+    overrides = ["model.path=/ckpt/Qwen3-4B", f"env.name={gym}", *overrides]
+    cfg = load_config(shipped("telepathy-qwen3-4b-bao.yaml"), overrides)
+    assert cfg.env.max_turns == cfg.algo.shaping.horizon == turns
+    assert len(config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")) == cfg.env.num_train_tasks
+    num_eval = min(cfg.env.num_eval_tasks, cfg.eval.num_tasks)
+    assert len(config_tasks(cfg, "test", num_eval, "env.num_eval_tasks")) == num_eval == cfg.env.num_eval_tasks
+    check_world_size(cfg, 8)
+    with pytest.raises(ConfigError, match=r"config key 'env\.user_base_url'"):
+        check_servers(cfg, "train")
