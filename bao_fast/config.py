@@ -33,11 +33,12 @@ class ModelConfig:
     """Policy model. ``tiny: true`` creates a random-weight tiny Qwen2 (``bao_fast.models``) at ``path``
     (default ``<run_dir>/init-model``) with ``tiny_layers`` decoder layers of width ``tiny_hidden_size``
     (head_dim 64); otherwise ``path`` is a local HF checkpoint directory. On a GPU, training computes in
-    ``dtype`` (float32 master weights and gradient reduction; float16 gets no loss scaling, so prefer bfloat16)
-    and the rollout engine samples in it; on the CPU everything runs in float32. ``gradient_checkpointing``
-    recomputes each decoder layer in the backward; ``use_liger`` patches RMSNorm / RoPE / SwiGLU with
-    liger-kernel on a GPU when it is installed; ``attn_implementation`` (transformers' name, sdpa or eager)
-    is the training forward's attention, run varlen over packed batches (rollout engines use their own)."""
+    ``dtype`` (float32 master weights and gradient reduction; float16 with dynamic loss scaling, see
+    ``optim.loss_scale``) and the rollout engine samples in it; on the CPU everything runs in float32.
+    ``gradient_checkpointing`` recomputes each decoder layer in the backward; ``use_liger`` patches RMSNorm /
+    RoPE / SwiGLU with liger-kernel on a GPU when it is installed; ``attn_implementation`` (transformers' name,
+    sdpa or eager) is the training forward's attention, run varlen over packed batches (rollout engines use
+    their own)."""
 
     path: str = ""
     tiny: bool = False
@@ -115,7 +116,9 @@ class AlgoConfig:
 class OptimConfig:
     """AdamW with linear warm-up over ``warmup_steps``, then constant, or cosine / linear decay to
     ``min_lr_ratio`` × ``lr`` at the end of the run. Both count optimiser steps: SFT steps, but in RL
-    ``train.ppo_epochs`` × ``rollout.prompts_per_step`` / ``train.mini_batch_size`` per RL step."""
+    ``train.ppo_epochs`` × ``rollout.prompts_per_step`` / ``train.mini_batch_size`` per RL step.
+    ``loss_scale`` (``bao_fast.train.loss_scale``): ``auto`` scales the loss dynamically when training computes
+    in float16 (``model.dtype`` on a GPU), against gradient underflow; ``dynamic`` always; ``none`` never."""
 
     lr: float = 1e-6
     weight_decay: float = 0.01
@@ -126,6 +129,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.0
+    loss_scale: Literal["auto", "dynamic", "none"] = "auto"
 
 
 @dataclass
@@ -493,8 +497,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, new value)`` for every key outside :data:`RESUME_SAFE_KEYS` on which ``cfg``
-    differs from ``saved`` (a run's ``config.yaml`` as loaded by YAML)."""
-    old, new = _flatten(saved), _flatten(json_safe(config_to_dict(cfg)))
+    differs from ``saved`` (a run's ``config.yaml`` as loaded by YAML). A key ``saved`` lacks (the run was
+    started by a version without it) counts as its default."""
+    defaults = _flatten(json_safe(config_to_dict(Config())))
+    old, new = {**defaults, **_flatten(saved)}, _flatten(json_safe(config_to_dict(cfg)))
     keys = sorted(set(old) | set(new))
     return [(k, old.get(k), new.get(k)) for k in keys
             if old.get(k) != new.get(k) and not any(k == s or (s.endswith(".") and k.startswith(s))

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from bao_fast.algo import preset
-from bao_fast.config import Config, ConfigError, load_config, parse_overrides, save_config
+from bao_fast.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    json_safe,
+    load_config,
+    parse_overrides,
+    resume_conflicts,
+    save_config,
+)
 from bao_fast.eval.evaluate import check_servers
 from bao_fast.train.runtime import check_world_size, config_tasks
 
@@ -166,3 +175,13 @@ def test_llm_gym_config_runs_the_gyms_it_names(gym: str, overrides: list[str], t
     check_world_size(cfg, 8)
     with pytest.raises(ConfigError, match=r"config key 'env\.user_base_url'"):
         check_servers(cfg, "train")
+
+
+def test_a_key_a_resumed_run_lacks_counts_as_its_default() -> None:
+    """A run started by a version without ``optim.loss_scale`` resumes under the default, not another value."""
+    cfg = load_config(None, ["model.tiny=true"])
+    saved = json_safe(config_to_dict(cfg))
+    del saved["optim"]["loss_scale"]
+    assert resume_conflicts(saved, cfg) == []
+    changed = load_config(None, ["model.tiny=true", "optim.loss_scale=dynamic"])
+    assert resume_conflicts(saved, changed) == [("optim.loss_scale", "auto", "dynamic")]

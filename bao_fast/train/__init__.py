@@ -10,6 +10,7 @@
 - ``checkpoint.py``: atomic DCP checkpoints for exact resume; HF export.
 - ``optim.py``, ``logging.py``, ``runtime.py``: AdamW + schedules; JSONL / progress / TensorBoard / wandb
   and the non-finite guard; seeding, the resumable task sampler, rank lock-step helpers.
+- ``loss_scale.py``: dynamic loss scaling for float16 training (``optim.loss_scale``).
 
 Modules are imported directly (``from bao_fast.train.rl import train``); importing this package is cheap.
 """

@@ -149,7 +149,12 @@ def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(hf)
-    return shard_policy(policy, env, compute_dtype=DTYPES[cfg.dtype] if on_gpu else torch.float32)
+    return shard_policy(policy, env, compute_dtype=compute_dtype(cfg, env))
+
+
+def compute_dtype(cfg: ModelConfig, env: DistEnv) -> torch.dtype:
+    """The dtype training computes in: ``cfg.dtype`` on a GPU, float32 on the CPU."""
+    return DTYPES[cfg.dtype] if env.device.type == "cuda" else torch.float32
 
 
 def decoder_layers(hf: PreTrainedModel) -> nn.ModuleList:

@@ -55,8 +55,9 @@ from bao_fast.ops import clipped_ratio_loss, shaped_advantages
 from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, TPGroup, Trajectory, run_episodes
 from bao_fast.rollout.engine import engine_dtype
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
-from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
+from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
+from bao_fast.train.loss_scale import LossScale, loss_scale_for
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
     CHECKPOINT_DIR,
@@ -98,6 +99,7 @@ class RLSetup:
     ref_policy: Policy | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_scale: LossScale
     engine: GenerationEngine
     gym_factory: Callable[[], Gym]
     train_tasks: list[Any]
@@ -277,8 +279,9 @@ def policy_update(
     ref_logp: torch.Tensor | None,
 ) -> dict[str, float]:
     """PPO epochs × mini-batches ``cuts`` of prompts (one optimiser step each, skipped when its loss or gradient
-    norm is not finite; ``state.guard`` counts the steps that skipped one); returns the loss statistics
-    averaged over trained tokens (or sequences), the mean grad norm, the lr and the skipped updates.
+    norm is not finite: a loss-scale overflow (``s.loss_scale``) halves the scale, otherwise ``state.guard``
+    counts the steps that skipped one); returns the loss statistics averaged over trained tokens (or
+    sequences), the mean grad norm, the lr, the skipped updates (and overflows and the scale, when scaling).
     With ``rollout.old_logprobs=recompute`` the first mini-batch's rows of ``old_logp`` are filled by its
     first update (on the old weights) and reused by later epochs."""
     cfg = s.cfg
@@ -287,29 +290,37 @@ def policy_update(
     logged = cfg.train.entropy_every > 0 and state.step % cfg.train.entropy_every == 0
     with_entropy = logged or cfg.algo.loss.entropy_coef != 0  # the bonus needs it on every step
     totals: dict[str, float] = {}
-    grad_norms, skipped, lr = [], 0, s.scheduler.get_last_lr()[0]
+    grad_norms, skipped, overflows, lr = [], 0, 0, s.scheduler.get_last_lr()[0]
     nonfinite: dict[str, float] = {}  # the first skipped update's values
     for epoch in range(cfg.train.ppo_epochs):
         for start, stop in itertools.pairwise(cuts):
             on_policy = recompute and epoch == 0 and start == 0
             stats = accumulate_gradients(s, batch, start, stop, old_logp, advantages, ref_logp, with_entropy,
                                          fill_old_logp=on_policy)
+            s.loss_scale.unscale_(s.policy)
             grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
             if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
                 s.optimizer.step()
+                s.loss_scale.grow()
+                grad_norms.append(grad_norm)
+            elif math.isfinite(stats["loss"]) and s.loss_scale.back_off():
+                overflows += 1  # the scale's inf norm is no gradient norm of the model: not logged
             else:
                 skipped += 1
                 nonfinite = nonfinite or {"loss": stats["loss"], "grad_norm": grad_norm}
+                grad_norms.append(grad_norm)
             s.scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
-            grad_norms.append(grad_norm)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / (num_minibatches * cfg.train.ppo_epochs)
     state.guard.check(state.step, **nonfinite)  # train.max_nonfinite_steps counts RL steps, not updates
     out = {f"actor/{k}": v for k, v in totals.items()}
-    out["actor/grad_norm"] = float(np.mean(grad_norms))
+    out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
     out["actor/lr"] = lr  # of the step's first update
     out["actor/skipped_updates"] = skipped
+    if s.loss_scale.enabled:
+        out["actor/overflow_updates"] = overflows
+        out["actor/loss_scale"] = s.loss_scale.scale  # after the step's updates
     return out
 
 
@@ -371,7 +382,7 @@ def accumulate_gradients(
             stats["entropy"] = mean_entropy.detach()
             if loss_cfg.entropy_coef:
                 objective = objective - loss_cfg.entropy_coef * mean_entropy * token_share
-        objective.backward()
+        s.loss_scale.scaled(objective).backward()
         sums["loss"] = sums.get("loss", 0.0) + objective.detach().double()
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().double() * token_share
@@ -492,9 +503,10 @@ def setup(cfg: Config, env: DistEnv, model_path: Path, tokenizer: PreTrainedToke
     optimizer = build_optimizer(policy, cfg.optim)
     updates = cfg.train.steps * cfg.train.ppo_epochs * (cfg.rollout.prompts_per_step // cfg.train.mini_batch_size)
     scheduler = build_scheduler(optimizer, cfg.optim, updates)
+    loss_scale = loss_scale_for(cfg.optim, compute_dtype(cfg.model, env))
     engine = make_engine(cfg, model_path, env)
-    return RLSetup(cfg, env, tokenizer, policy, ref_policy, optimizer, scheduler, engine, gym_factory(cfg),
-                   train_tasks, eval_tasks, tp_group)
+    return RLSetup(cfg, env, tokenizer, policy, ref_policy, optimizer, scheduler, loss_scale, engine,
+                   gym_factory(cfg), train_tasks, eval_tasks, tp_group)
 
 
 def _trainer_state(s: RLSetup, state: RLState) -> dict[str, Any]:
@@ -503,6 +515,7 @@ def _trainer_state(s: RLSetup, state: RLState) -> dict[str, Any]:
         "sampler": state.sampler.state_dict(),
         "guard": state.guard.state_dict(),
         "scheduler": s.scheduler.state_dict(),
+        "loss_scale": s.loss_scale.state_dict(),
         "evals": state.evals,
     }
 
@@ -513,6 +526,8 @@ def _restore(s: RLSetup, state: RLState, checkpoint: Path) -> None:
     state.sampler.load_state_dict(saved["sampler"])
     state.guard.load_state_dict(saved["guard"])
     s.scheduler.load_state_dict(saved["scheduler"])
+    if "loss_scale" in saved:  # checkpoints written before loss scaling existed start from the initial scale
+        s.loss_scale.load_state_dict(saved["loss_scale"])
     state.evals = saved["evals"]
 
 

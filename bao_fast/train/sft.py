@@ -41,8 +41,9 @@ from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
 from bao_fast.models import load_tokenizer
 from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
-from bao_fast.train.fsdp import DistEnv, Policy, load_policy, shutdown_distributed
+from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
+from bao_fast.train.loss_scale import LossScale, loss_scale_for
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
     RL_OUTPUTS,
@@ -105,6 +106,7 @@ class SFTSetup:
     policy: Policy
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_scale: LossScale
     train: list[Segments]
     held_out: list[Segments]
     total_steps: int
@@ -123,7 +125,9 @@ def setup(cfg: Config, env: DistEnv, init_path: Path, tokenizer: PreTrainedToken
     policy = load_policy(init_path, cfg.model, env)
     optimizer = build_optimizer(policy, s.optim)
     scheduler = build_scheduler(optimizer, s.optim, total_steps)
-    return SFTSetup(cfg, env, policy, optimizer, scheduler, train, held_out, total_steps, data_digest(episodes))
+    loss_scale = loss_scale_for(s.optim, compute_dtype(cfg.model, env))
+    return SFTSetup(cfg, env, policy, optimizer, scheduler, loss_scale, train, held_out, total_steps,
+                    data_digest(episodes))
 
 
 def next_batch(s: SFTSetup, state: SFTState) -> list[Segments]:
@@ -137,7 +141,8 @@ def next_batch(s: SFTSetup, state: SFTState) -> list[Segments]:
 
 def sft_step(s: SFTSetup, state: SFTState, chunk: list[Segments]) -> dict[str, Any]:
     """One optimiser step on ``chunk`` (each rank its share, micro-batched by token budget, normalised by
-    the global count of trained tokens); returns the step's metrics (identical on all ranks)."""
+    the global count of trained tokens; skipped on a loss-scale overflow, which halves the scale, or when the
+    non-finite guard says so); returns the step's metrics (identical on all ranks)."""
     cfg, env = s.cfg.sft, s.env
     t0 = time.perf_counter()
     local = _shard(chunk, env)
@@ -147,20 +152,26 @@ def sft_step(s: SFTSetup, state: SFTState, chunk: list[Segments]) -> dict[str, A
     loss_sum = 0.0
     for micro, w in lockstep(batch.split(cfg.micro_batch_tokens)):
         nll, _ = _nll_sums(s.policy, micro, w * weight)
-        (nll / max(num_targets, 1.0)).backward()
+        s.loss_scale.scaled(nll / max(num_targets, 1.0)).backward()
         loss_sum += float(nll.detach())
     loss = sum_over_ranks([loss_sum])[0] / max(num_targets, 1.0)
+    s.loss_scale.unscale_(s.policy)
     grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
     lr = s.scheduler.get_last_lr()[0]
-    applied = state.guard.check(state.step, loss=loss, grad_norm=grad_norm)
+    overflow = math.isfinite(loss) and not math.isfinite(grad_norm) and s.loss_scale.back_off()
+    applied = not overflow and state.guard.check(state.step, loss=loss, grad_norm=grad_norm)
     if applied:
         s.optimizer.step()
+        s.loss_scale.grow()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return {
+    metrics = {
         "epoch": state.epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": int(num_targets),
         "skipped": not applied, "tokens_per_s": num_targets / (time.perf_counter() - t0),
     }
+    if s.loss_scale.enabled:
+        metrics.update(overflow=overflow, loss_scale=s.loss_scale.scale)
+    return metrics
 
 
 def _trainer_state(s: SFTSetup, state: SFTState) -> dict[str, Any]:
@@ -172,6 +183,7 @@ def _trainer_state(s: SFTSetup, state: SFTState) -> dict[str, Any]:
         "data_digest": s.data_digest,
         "guard": state.guard.state_dict(),
         "scheduler": s.scheduler.state_dict(),
+        "loss_scale": s.loss_scale.state_dict(),
         "evals": state.evals,
     }
 
@@ -190,6 +202,8 @@ def _restore(s: SFTSetup, state: SFTState, checkpoint: Path) -> None:
     state.step, state.epoch, state.position = saved["step"], saved["epoch"], saved["position"]
     state.guard.load_state_dict(saved["guard"])
     s.scheduler.load_state_dict(saved["scheduler"])
+    if "loss_scale" in saved:  # checkpoints written before loss scaling existed start from the initial scale
+        s.loss_scale.load_state_dict(saved["loss_scale"])
     state.evals = saved["evals"]
 
 

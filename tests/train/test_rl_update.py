@@ -8,6 +8,7 @@ given those values), over several mini-batches and PPO epochs.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from bao_fast.models.tiny import create_tiny_model
 from bao_fast.train import rl
 from bao_fast.train.fsdp import Policy
 from bao_fast.train.logging import NonFiniteError, NonFiniteGuard
+from bao_fast.train.loss_scale import LossScale, loss_scale_for
 from bao_fast.train.optim import build_optimizer, build_scheduler
 from bao_fast.train.rl import accumulate_gradients, forward_logprobs, minibatch_cuts, policy_update
 
@@ -51,9 +53,9 @@ def batch():
 
 def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, epochs: int,
                old_logp: torch.Tensor | None = None, overrides: tuple[str, ...] = (), steps: int = 1,
-               advantage_scale: float = 1.0):
-    """``steps`` policy_updates (RL steps) on fresh weights; returns (policy, old_logp after the first, the
-    last step's stats, no-grad forwards)."""
+               advantage_scale: float = 1.0, loss_scale: LossScale | None = None):
+    """``steps`` policy_updates (RL steps) on fresh weights (``loss_scale``: the config's for float32 unless
+    given); returns (policy, old_logp after the first, the last step's stats, no-grad forwards)."""
     cfg = load_config(None, [
         "model.tiny=true", f"rollout.old_logprobs={old_logprobs}", f"rollout.group_size={GROUP}",
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.temperature={TEMPERATURE}",
@@ -66,8 +68,8 @@ def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, 
         lambda _, args: no_grad_forwards.append(args[0].num_sequences) if not torch.is_grad_enabled() else None
     )
     optimizer = build_optimizer(policy, cfg.optim)
-    s = SimpleNamespace(cfg=cfg, policy=policy, optimizer=optimizer,
-                        scheduler=build_scheduler(optimizer, cfg.optim, 8))
+    s = SimpleNamespace(cfg=cfg, policy=policy, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim, 8),
+                        loss_scale=loss_scale or loss_scale_for(cfg.optim, torch.float32))
     cuts = minibatch_cuts(cfg, batch)
     if old_logp is None:
         old_logp = forward_logprobs(policy, batch, TEMPERATURE, cfg.train.micro_batch_tokens, start=cuts[1])
@@ -123,7 +125,7 @@ def test_micro_batching_does_not_change_the_gradient(model_dir, agg):
             f"train.micro_batch_tokens={micro_batch_tokens}",
         ])
         policy = Policy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
-        s = SimpleNamespace(cfg=cfg, policy=policy)
+        s = SimpleNamespace(cfg=cfg, policy=policy, loss_scale=LossScale(enabled=False))
         stats = accumulate_gradients(s, mini, 0, mini.num_sequences, old_logp, advantages, None, True)
         return stats, [p.grad.clone() for p in policy.parameters()]
 
@@ -160,6 +162,38 @@ def test_max_nonfinite_steps_counts_rl_steps_not_optimiser_updates(model_dir, ba
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     with pytest.raises(NonFiniteError, match="step 2: 2 consecutive steps"):
         run_update(model_dir, batch, "recompute", 1, 1, overrides=nonfinite, steps=2, advantage_scale=float("nan"))
+
+
+def test_dynamic_loss_scaling_gives_the_unscaled_update_in_float32(model_dir, batch):
+    """optim.loss_scale=dynamic on float32 (where nothing underflows): scaling by 2^16 and back is exact, so the
+    weights equal the unscaled run's bit for bit; the step reports the scale and no overflow."""
+    plain, _, plain_stats, _ = run_update(model_dir, batch, "recompute", PROMPTS // 2, 2)
+    scaled, _, stats, _ = run_update(model_dir, batch, "recompute", PROMPTS // 2, 2,
+                                     overrides=("optim.loss_scale=dynamic",))
+    assert "actor/loss_scale" not in plain_stats
+    assert stats["actor/loss_scale"] == 2.0**16 and stats["actor/overflow_updates"] == 0
+    for key in ("actor/grad_norm", "actor/loss", "actor/clipfrac"):
+        assert stats[key] == plain_stats[key], key
+    for p, q in zip(scaled.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_overflow_backs_off_without_counting_as_a_nonfinite_step(model_dir, batch):
+    """A scale so large the backward overflows float32: those updates are skipped and halve the scale until it
+    fits, and even train.max_nonfinite_steps=1 does not stop the run; at the scale's floor an overflow is the
+    model's, and stops it."""
+    huge = 2.0**127  # float32's largest power of two
+    policy, _, stats, _ = run_update(model_dir, batch, "recompute", 1, 1, overrides=("train.max_nonfinite_steps=1",),
+                                     loss_scale=LossScale(enabled=True, init_scale=huge, max_scale=huge))
+    overflows = stats["actor/overflow_updates"]
+    assert 1 <= overflows < PROMPTS and stats["actor/skipped_updates"] == 0
+    assert stats["actor/loss_scale"] == huge / 2**overflows and math.isfinite(stats["actor/grad_norm"])
+    init = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    moved = max((p - q).abs().max().item() for p, q in zip(policy.hf.parameters(), init.parameters(), strict=True))
+    assert moved > 0  # the updates after the back-off applied
+    with pytest.raises(NonFiniteError, match="step 1: 1 consecutive steps"):
+        run_update(model_dir, batch, "recompute", 1, 1, overrides=("train.max_nonfinite_steps=1",),
+                   loss_scale=LossScale(enabled=True, init_scale=huge, min_scale=huge, max_scale=huge))
 
 
 @pytest.mark.parametrize(("device", "expected"), [("cuda", "float16"), ("cpu", "float32")])

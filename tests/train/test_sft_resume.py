@@ -133,3 +133,16 @@ def test_resume_reads_the_data_file_and_refuses_other_data(stopped_copy: Path) -
     refused = r"other SFT data than this run's sft-data\.jsonl \(the checkpoint has data digest [0-9a-f]{32}, this run"
     with pytest.raises(pytest.fail.Exception, match=refused):
         sft_run(stopped_copy)
+
+
+def test_dynamic_loss_scaling_stopped_and_resumed_trains_the_unscaled_model(straight: Path, tmp_path: Path) -> None:
+    """sft.optim.loss_scale=dynamic in float32 is exact (a power-of-two scale), also across a resume that restores
+    the scale: the same losses and, bit for bit, the same model as the unscaled straight run."""
+    run_dir, scaled = tmp_path / "run", ("sft.optim.loss_scale=dynamic",)
+    assert sft_run(run_dir, scaled, stop_after=STOP) is None
+    assert sft_run(run_dir, scaled) == str(run_dir / "sft-model")
+    records = stable(run_dir)
+    assert all(r["loss_scale"] == 2.0**16 and r["overflow"] is False for r in records if "loss" in r)
+    drop = ("loss_scale", "overflow")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in records] == stable(straight)
+    assert_same_model(run_dir, straight)
