@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from bao_fast.config import load_config
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
@@ -46,6 +48,22 @@ def test_power_of_two_scaling_is_exact_in_float32() -> None:
         scale.scaled(model(x).square().mean()).backward()
         scale.unscale_(model)
         grads.append([p.grad for p in model.parameters()])
+    for plain, unscaled in zip(*grads, strict=True):
+        torch.testing.assert_close(unscaled, plain, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("single_rank_world")
+def test_unscales_fsdp2_sharded_gradients() -> None:
+    """FSDP2 parameters have DTensor gradients: unscaling them in place gives the unscaled run's gradients."""
+    mesh = init_device_mesh("cpu", (1,))
+    x = torch.randn(6, 9, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for scale in (LossScale(enabled=False), LossScale(enabled=True)):
+        torch.manual_seed(4)
+        model = fully_shard(nn.Sequential(nn.Linear(9, 5), nn.Linear(5, 2)), mesh=mesh)
+        scale.scaled(model(x).square().mean()).backward()
+        scale.unscale_(model)
+        grads.append([p.grad.full_tensor() for p in model.parameters()])
     for plain, unscaled in zip(*grads, strict=True):
         torch.testing.assert_close(unscaled, plain, rtol=0, atol=0)
 
