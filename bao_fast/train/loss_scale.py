@@ -50,8 +50,8 @@ class LossScale:
 
     def unscale_(self, model: nn.Module) -> None:
         """Divide ``model``'s gradients (local shards of DTensors included) by the scale, in place."""
-        if self.enabled:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if self.enabled else []
+        if grads:
             torch._foreach_mul_(grads, 1.0 / self.scale)
 
     def grow(self) -> None:

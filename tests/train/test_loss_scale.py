@@ -68,6 +68,12 @@ def test_unscales_fsdp2_sharded_gradients() -> None:
         torch.testing.assert_close(unscaled, plain, rtol=0, atol=0)
 
 
+def test_a_model_without_gradients_is_left_alone() -> None:
+    model = nn.Linear(3, 2)
+    LossScale(enabled=True).unscale_(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_disabled_changes_nothing() -> None:
     scale = LossScale(enabled=False)
     objective = torch.tensor(3.0)
