@@ -41,6 +41,8 @@ from transformers import AutoConfig
 from bao_fast.config import ConfigError, ModelConfig
 
 FinishReason = Literal["stop", "length"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The precisions a model runs in (``model.dtype``, an engine's ``dtype``), by name."""
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,8 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from bao_fast.config import RolloutConfig
-from bao_fast.rollout.engine import Generation, GenerationParams, check_context_length, validate_prompts
+from bao_fast.rollout.engine import DTYPES, Generation, GenerationParams, check_context_length, validate_prompts
 from bao_fast.rollout.weight_sync import iter_full_weights
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine:
@@ -78,9 +76,9 @@ class HFEngine:
         check_context_length(model_path, cfg.max_model_len)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=_DTYPES[dtype]).to(device)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=DTYPES[dtype]).to(device)
         config = model.config
         eos = config.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))

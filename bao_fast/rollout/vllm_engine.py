@@ -50,11 +50,10 @@ from torch import Tensor, nn
 
 from bao_fast.config import RolloutConfig
 from bao_fast.rollout.cpu_shm import cpu_shm_in_use, remove_stale_cpu_shm
-from bao_fast.rollout.engine import Generation, GenerationParams, check_context_length, validate_prompts
+from bao_fast.rollout.engine import DTYPES, Generation, GenerationParams, check_context_length, validate_prompts
 from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.rollout.weight_sync import iter_full_weights
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
@@ -147,8 +146,8 @@ class VLLMEngine:
         check_context_length(model_path, cfg.max_model_len)
         on_gpu = torch.cuda.is_available()
         dtype = dtype or ("bfloat16" if on_gpu else "float32")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         launched = "RANK" in os.environ and "LOCAL_RANK" in os.environ  # torchrun (or compatible) launch
         world = int(os.environ.get("WORLD_SIZE", "1")) if launched else 1
         check_tp_size(cfg.tensor_parallel_size, world)
@@ -190,7 +189,7 @@ class VLLMEngine:
         return cls(
             llm,
             max_model_len=cfg.max_model_len,
-            dtype=_DTYPES[dtype],
+            dtype=DTYPES[dtype],
             sleep_level=cfg.sleep_level,
             on_gpu=on_gpu,
             bucket_mb=cfg.weight_sync_bucket_mb,

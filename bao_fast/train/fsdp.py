@@ -26,8 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from bao_fast.config import ModelConfig
 from bao_fast.data.packed import PackedBatch
 from bao_fast.models.forward import backbone, packed_token_logprobs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from bao_fast.rollout.engine import DTYPES, engine_dtype
 
 
 @dataclass(frozen=True)
@@ -153,8 +152,9 @@ def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
 
 
 def compute_dtype(cfg: ModelConfig, env: DistEnv) -> torch.dtype:
-    """The dtype training computes in: ``cfg.dtype`` on a GPU, float32 on the CPU."""
-    return DTYPES[cfg.dtype] if env.device.type == "cuda" else torch.float32
+    """The dtype training computes in: ``cfg.dtype`` on a GPU, float32 on the CPU (the rollout engine's too:
+    one rule, ``engine_dtype``)."""
+    return DTYPES[engine_dtype(cfg, env.device)]
 
 
 def decoder_layers(hf: PreTrainedModel) -> nn.ModuleList:
