@@ -11,6 +11,8 @@ bfloat16 has float32's exponent range and needs none of this.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -71,6 +73,11 @@ class LossScale:
         self.scale = max(self.scale / 2.0, self.min_scale)
         self.good_updates = 0
         return True
+
+    def absorb_overflow(self, loss: float, grad_norm: float) -> bool:
+        """The trainers' rule for a skipped update: True (and the scale backed off) when a finite ``loss`` has a
+        non-finite ``grad_norm`` that the scale caused (see ``back_off``); False otherwise."""
+        return math.isfinite(loss) and not math.isfinite(grad_norm) and self.back_off()
 
     def state_dict(self) -> dict[str, float]:
         return {"scale": self.scale, "good_updates": self.good_updates}

@@ -303,7 +303,7 @@ def policy_update(
                 s.optimizer.step()
                 s.loss_scale.grow()
                 grad_norms.append(grad_norm)
-            elif math.isfinite(stats["loss"]) and s.loss_scale.back_off():
+            elif s.loss_scale.absorb_overflow(stats["loss"], grad_norm):
                 overflows += 1  # the scale's inf norm is no gradient norm of the model: not logged
             else:
                 skipped += 1

@@ -158,7 +158,7 @@ def sft_step(s: SFTSetup, state: SFTState, chunk: list[Segments]) -> dict[str, A
     s.loss_scale.unscale_(s.policy)
     grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
     lr = s.scheduler.get_last_lr()[0]
-    overflow = math.isfinite(loss) and not math.isfinite(grad_norm) and s.loss_scale.back_off()
+    overflow = s.loss_scale.absorb_overflow(loss, grad_norm)
     applied = not overflow and state.guard.check(state.step, loss=loss, grad_norm=grad_norm)
     if applied:
         s.optimizer.step()

@@ -91,6 +91,13 @@ def test_backs_off_to_its_floor_then_leaves_nonfinite_gradients_to_the_model() -
     assert not scale.back_off() and scale.scale == 2.0  # at the floor: a non-finite step of the model
 
 
+def test_only_a_finite_loss_with_non_finite_gradients_is_an_overflow() -> None:
+    scale = LossScale(enabled=True, init_scale=8.0)
+    assert not scale.absorb_overflow(0.5, 3.0) and scale.scale == 8.0  # a finite update
+    assert not scale.absorb_overflow(float("nan"), float("inf")) and scale.scale == 8.0  # the model diverged
+    assert scale.absorb_overflow(0.5, float("inf")) and scale.scale == 4.0
+
+
 def test_grows_after_a_run_of_finite_updates_up_to_its_ceiling() -> None:
     scale = LossScale(enabled=True, init_scale=4.0, max_scale=8.0, growth_interval=3)
     for _ in range(2):
