@@ -182,7 +182,8 @@ class CheckpointConfig:
     RL: under ``<run_dir>/checkpoints``, per RL step, and always at the last step (``save_every`` 0 = only
     there). SFT: under ``<run_dir>/sft-checkpoints``, per SFT optimiser step, never at its last step (its end
     is the ``sft-model`` export, which then replaces them; 0 = none). ``resume`` continues from the latest
-    checkpoint (and reuses a finished SFT export); false starts over, deleting them. ``export_hf`` writes the
+    checkpoint (and reuses a finished SFT export), on any world size (resharded when it differs from the
+    saving run's); false starts over, deleting them. ``export_hf`` writes the
     RL result to ``<run_dir>/final-model`` (false: an earlier export there is deleted at the end)."""
 
     save_every: int = 10

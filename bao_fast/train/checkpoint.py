@@ -21,10 +21,14 @@ Safety rules (a failed run never corrupts a checkpoint):
   one; directories are renamed to ``.del-`` before they are deleted, so a crash mid-delete never leaves a
   half-deleted ``step-N``. Stale ``.tmp-``/``.del-`` directories of earlier steps are removed after a save.
 * Reading: :func:`load_checkpoint` checks, before it changes any state, that the checkpoint is complete
-  (``.metadata`` present), that it was saved by as many ranks as this run has, and that every rank's
-  state file reads; a damaged checkpoint raises :class:`CheckpointError` naming the file and the previous
+  (``.metadata`` present), that its rank files are those of one world, and that every state file it reads
+  reads; a damaged checkpoint raises :class:`CheckpointError` naming the file and the previous
   checkpoint. It does not silently fall back to an older one (that would quietly discard training and
   hide a storage fault): delete the damaged ``step-N`` directory to resume from the previous checkpoint.
+* Another world size: with ``reshard=True`` (the trainers, whose trainer state is the same on every rank) a
+  checkpoint saved by k ranks loads on n: DCP reshards model and optimiser, every rank takes rank 0's
+  trainer state, and the RNG states stay as the caller seeded them (there are none for new ranks). Without
+  it a different world size is refused, naming both.
 """
 
 from __future__ import annotations
@@ -310,29 +314,54 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def load_checkpoint(path: str | Path, policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def saved_ranks(path: str | Path) -> list[int]:
+    """The ranks whose trainer-state files (``rank-<r>.pt``) checkpoint ``path`` holds, ascending."""
+    return sorted(int(m.group(1)) for p in Path(path).iterdir() if (m := _RANK_FILE.match(p.name)))
+
+
+def reshard_note(path: str | Path) -> str:
+    """``" (saved by k ranks, resharded onto n)"`` when checkpoint ``path`` was saved by another number of
+    ranks than this run has, else ``""``: for the trainers' resume messages."""
+    saved, world = len(saved_ranks(path)), dist.get_world_size()
+    return f" (saved by {_ranks(saved)}, resharded onto {world})" if saved != world else ""
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
+def load_checkpoint(
+    path: str | Path, policy: nn.Module, optimizer: torch.optim.Optimizer, *, reshard: bool = False
+) -> dict[str, Any]:
     """Collectively restore model, optimiser and this rank's RNG states from ``path``; returns this rank's
     trainer state (as passed to :func:`save_checkpoint`, without ``rng``).
 
-    Checked before any state changes: the checkpoint is complete, was saved by this run's world size
-    and every rank's state file reads; damage raises :class:`CheckpointError` naming
-    the file (on every rank)."""
+    ``reshard``: the caller's trainer state is the same on every rank, so a checkpoint saved by another
+    number of ranks loads too: model and optimiser resharded by DCP, rank 0's trainer state on every rank,
+    RNG states not restored (module docstring). Without it, another world size is refused.
+
+    Checked before any state changes: the checkpoint is complete, its rank files are ``rank-0 ..
+    rank-<k-1>`` (k = this run's world size unless ``reshard``), and the trainer state each rank reads
+    loads; damage raises :class:`CheckpointError` naming the file (on every rank)."""
     path = Path(path)
     rank, world = dist.get_rank(), dist.get_world_size()
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    saved_ranks = sorted(int(m.group(1)) for p in path.iterdir() if (m := _RANK_FILE.match(p.name)))
-    if len(saved_ranks) != world:
+    ranks = saved_ranks(path)
+    if not ranks:
+        raise _damaged(path, "it holds no trainer-state file (rank-<r>.pt)")
+    if ranks != list(range(len(ranks))):
+        raise _damaged(path, f"its rank files are {[f'rank-{r}.pt' for r in ranks]}")
+    if len(ranks) != world and not reshard:
         raise CheckpointError(
-            f"checkpoint {path} was saved by {len(saved_ranks)} ranks, this run has {world}: resume with the "
+            f"checkpoint {path} was saved by {_ranks(len(ranks))}, this run has {world}: resume with the "
             "world size it was saved with, or start over with checkpoint.resume=false"
         )
-    if saved_ranks != list(range(world)):
-        raise _damaged(path, f"its rank files are {[f'rank-{r}.pt' for r in saved_ranks]}")
     if not (path / ".metadata").is_file():
         raise _damaged(path, f"{path / '.metadata'} is missing")
+    same_world = len(ranks) == world
 
-    rank_file = path / f"rank-{rank}.pt"
+    rank_file = path / f"rank-{rank if same_world else 0}.pt"
     mine: str | None = None
     try:
         trainer_state = torch.load(rank_file, weights_only=False)
@@ -354,7 +383,9 @@ def load_checkpoint(path: str | Path, policy: nn.Module, optimizer: torch.optim.
                        "is damaged or was not saved for this run's model and optimiser") from None
     set_model_state_dict(policy, state["model"])
     set_optimizer_state_dict(policy, optimizer, state["optim"])
-    set_rng_state(trainer_state.pop("rng"))
+    rng = trainer_state.pop("rng")
+    if same_world:
+        set_rng_state(rng)
     return trainer_state
 
 

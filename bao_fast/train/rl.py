@@ -19,7 +19,8 @@ One RL step, as :func:`rl_step` reads top to bottom:
    (gradients accumulated, normalised by the global token / sequence count), clip, optimiser step —
    skipped when the loss or gradient norm is not finite;
 7. log metrics; evaluate greedily every ``train.eval_every`` steps; checkpoint every
-   ``checkpoint.save_every`` steps (DCP, atomic) for exact resume.
+   ``checkpoint.save_every`` steps (DCP, atomic) for exact resume (or, on another world size, a resharded
+   one whose rollouts sample differently).
 
 ``algo.name`` picks the shaping: ``bao`` (r2g credits + sum score + both penalties), ``userrl``
 (equalized + mean), ``grpo`` (outcome reward).
@@ -54,7 +55,14 @@ from bao_fast.models import load_tokenizer
 from bao_fast.ops import clipped_ratio_loss, shaped_advantages
 from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, TPGroup, Trajectory, run_episodes
 from bao_fast.rollout.engine import engine_dtype
-from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
+from bao_fast.train.checkpoint import (
+    export_hf,
+    load_checkpoint,
+    remove_outputs,
+    reshard_note,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
@@ -80,7 +88,8 @@ from bao_fast.train.sft import train_sft
 
 @dataclass
 class RLState:
-    """Everything besides model/optimiser that exact resume needs (saved per rank in the checkpoint)."""
+    """Everything besides model/optimiser that exact resume needs; the same on every rank (saved per rank
+    with its RNG states), so a checkpoint also resumes on another world size."""
 
     step: int
     sampler: TaskSampler
@@ -521,7 +530,7 @@ def _trainer_state(s: RLSetup, state: RLState) -> dict[str, Any]:
 
 
 def _restore(s: RLSetup, state: RLState, checkpoint: Path) -> None:
-    saved = load_checkpoint(checkpoint, s.policy, s.optimizer)
+    saved = load_checkpoint(checkpoint, s.policy, s.optimizer, reshard=True)
     state.step = saved["step"]
     state.sampler.load_state_dict(saved["sampler"])
     state.guard.load_state_dict(saved["guard"])
@@ -548,7 +557,8 @@ def train_rl(
     if checkpoint is not None:
         _restore(s, state, checkpoint)
         if env.is_main:
-            print(f"resuming RL after step {state.step} from {checkpoint}", file=sys.stderr, flush=True)
+            print(f"resuming RL after step {state.step} from {checkpoint}{reshard_note(checkpoint)}",
+                  file=sys.stderr, flush=True)
     logger = MetricsLogger(run_dir, cfg.logging, name="train", total=cfg.train.steps, enabled=env.is_main,
                            run_config=config_to_dict(cfg),
                            resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records

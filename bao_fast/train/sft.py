@@ -14,8 +14,9 @@ SFT resumes exactly, like RL: every ``checkpoint.save_every`` optimiser steps an
 non-finite guard, eval losses) goes to ``<run_dir>/sft-checkpoints``, keeping ``checkpoint.keep_last``. A
 rerun continues from the latest one on the same data (the data file; checkpoints record its digest) with
 the same next batch (the data order derives from seeds), so it logs the losses an uninterrupted run would
-have. The export ends SFT: the last step writes no checkpoint, the checkpoints are deleted once the export
-exists, and a rerun reuses the export. ``checkpoint.resume=false`` starts SFT over (the teacher plays
+have; on another world size it reshards (the same losses up to float summation order). The export ends
+SFT: the last step writes no checkpoint, the checkpoints are deleted once the export exists, and a rerun
+reuses the export. ``checkpoint.resume=false`` starts SFT over (the teacher plays
 again; an earlier export and checkpoints are deleted). An SFT that trains deletes the RL outputs of the run
 (``RL_OUTPUTS``): they were trained from an earlier export.
 """
@@ -40,7 +41,14 @@ from bao_fast.config import Config, config_to_dict, load_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
 from bao_fast.models import load_tokenizer
-from bao_fast.train.checkpoint import export_hf, load_checkpoint, remove_outputs, resume_checkpoint, save_checkpoint
+from bao_fast.train.checkpoint import (
+    export_hf,
+    load_checkpoint,
+    remove_outputs,
+    reshard_note,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
@@ -88,7 +96,8 @@ def eval_loss(policy: Policy, data: list[Segments], env: DistEnv, micro_batch_to
 
 @dataclass
 class SFTState:
-    """Everything besides model/optimiser that exact resume needs (saved per rank in the checkpoint)."""
+    """Everything besides model/optimiser that exact resume needs; the same on every rank (saved per rank
+    with its RNG states), so a checkpoint also resumes on another world size."""
 
     step: int
     epoch: int
@@ -189,7 +198,7 @@ def _trainer_state(s: SFTSetup, state: SFTState) -> dict[str, Any]:
 
 
 def _restore(s: SFTSetup, state: SFTState, checkpoint: Path) -> None:
-    saved = load_checkpoint(checkpoint, s.policy, s.optimizer)
+    saved = load_checkpoint(checkpoint, s.policy, s.optimizer, reshard=True)
     if saved.get("data_digest") != s.data_digest:
         if saved["num_train"] != len(s.train):
             how = f"{saved['num_train']} training trajectories, this run has {len(s.train)}"
@@ -235,7 +244,8 @@ def train_sft(
     if checkpoint is not None:
         _restore(s, state, checkpoint)
         if env.is_main:
-            print(f"resuming SFT after step {state.step} from {checkpoint}", file=sys.stderr, flush=True)
+            print(f"resuming SFT after step {state.step} from {checkpoint}{reshard_note(checkpoint)}",
+                  file=sys.stderr, flush=True)
     logger = MetricsLogger(run_dir, cfg.logging, name="sft", total=s.total_steps, enabled=env.is_main,
                            run_config=config_to_dict(cfg),
                            resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records

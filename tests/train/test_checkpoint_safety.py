@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,14 @@ from bao_fast.data.segments import pack_segments
 from bao_fast.models import load_tokenizer
 from bao_fast.models.tiny import create_tiny_model
 from bao_fast.train import checkpoint as ck
-from bao_fast.train.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from bao_fast.train.checkpoint import (
+    CheckpointError,
+    export_hf,
+    latest_checkpoint,
+    load_checkpoint,
+    reshard_note,
+    save_checkpoint,
+)
 from bao_fast.train.fsdp import init_distributed, load_policy
 from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import TaskSampler
@@ -79,8 +87,8 @@ class Trainer:
     def save(self, root: Path, keep_last: int = 2) -> Path:
         return save_checkpoint(root, self.step, self.policy, self.optimizer, self.state(), keep_last=keep_last)
 
-    def restore(self, path: Path) -> None:
-        saved = load_checkpoint(path, self.policy, self.optimizer)
+    def restore(self, path: Path, *, reshard: bool = False) -> None:
+        saved = load_checkpoint(path, self.policy, self.optimizer, reshard=reshard)
         self.step = saved["step"]
         self.sampler.load_state_dict(saved["sampler"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -379,6 +387,45 @@ def test_checkpoint_of_another_world_size_is_refused(trained, saved_world: int) 
     assert_same(t.params(), before)
 
 
+@pytest.mark.parametrize("reshard", [False, True])
+@pytest.mark.parametrize(("ranks", "problem"), [
+    ([], "it holds no trainer-state file (rank-<r>.pt)"),
+    ([0, 2], "its rank files are ['rank-0.pt', 'rank-2.pt']"),
+    ([1], "its rank files are ['rank-1.pt']"),
+])
+def test_rank_files_of_no_one_world_are_refused(trained, ranks: list[int], problem: str, reshard: bool) -> None:
+    t, root, _ = trained
+    step = root / "step-000001"
+    state = (step / "rank-0.pt").read_bytes()
+    (step / "rank-0.pt").unlink()
+    for r in ranks:
+        (step / f"rank-{r}.pt").write_bytes(state)
+    before = t.params()
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {step} is damaged: {problem}")):
+        t.restore(step, reshard=reshard)
+    assert_same(t.params(), before)
+
+
+def test_reshard_from_more_ranks_takes_rank_0s_state_and_keeps_the_callers_rng(trained) -> None:
+    """The checkpoint as 3 ranks would leave it (the DCP shards of this 1-rank world load on any world):
+    rank 0's trainer state on this rank, model and optimiser restored, RNG as the caller seeded it."""
+    t, root, good = trained
+    step = root / "step-000001"
+    other = torch.load(step / "rank-0.pt", weights_only=False)
+    other["step"], other["rng"]["torch"] = 99, torch.manual_seed(5).get_state()
+    for r in (1, 2):
+        torch.save(other, step / f"rank-{r}.pt")
+    assert reshard_note(step) == " (saved by 3 ranks, resharded onto 1)"
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    t.restore(step, reshard=True)
+    assert torch.equal(torch.rand(3), expected)
+    assert t.step == 1  # rank 0's, not rank 1's
+    assert_same(t.params(), good)
+    t.train_step()  # and training goes on from there
+
+
 # ----------------------------------------------------------------------------------------------------
 # HF export
 # ----------------------------------------------------------------------------------------------------
@@ -423,7 +470,7 @@ def test_a_fault_on_one_rank_fails_every_rank_clearly(model_dir: Path, tmp_path:
         assert r["damaged"].startswith(f"CheckpointError: checkpoint {tmp_path / 'damaged' / 'step-000001'} is damaged")
         assert f"cannot read {tmp_path / 'damaged' / 'step-000001' / 'rank-1.pt'}" in r["damaged"]
         assert r["single"].startswith("CheckpointError: checkpoint")
-        assert "saved by 1 ranks, this run has 2" in r["single"]
+        assert "saved by 1 rank, this run has 2" in r["single"]
         assert r["good"] == "ok"
 
 

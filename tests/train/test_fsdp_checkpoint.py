@@ -1,5 +1,5 @@
 """FSDP2 sharding (1 and 2 gloo ranks give the same gradients), DCP checkpoint save/restore (atomic,
-exact), and the HF export loadable by transformers."""
+exact, and onto another world size), and the HF export loadable by transformers."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init = create_tiny_model(out / "init")
     run_worker("_fsdp_worker.py", [str(init), str(out)], nproc=1)
     run_worker("_fsdp_worker.py", [str(init), str(out)], nproc=2)
+    run_worker("_fsdp_worker.py", [str(init), str(out), "2"], nproc=1)  # 2 ranks' checkpoint onto 1
+    run_worker("_fsdp_worker.py", [str(init), str(out), "1"], nproc=2)  # and 1's onto 2
     return out
 
 
@@ -47,6 +49,26 @@ def test_gradients_match_across_world_sizes(results: Path) -> None:
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     r1, r2 = (json.loads((results / f"result-{w}.json").read_text()) for w in (1, 2))
     assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("saved", "world"), [(2, 1), (1, 2)])
+def test_checkpoint_reshards_onto_another_world_size(results: Path, saved: int, world: int) -> None:
+    """Parameters and Adam moments come back bit for bit on the new sharding, the trainer state is rank 0's,
+    the caller's RNG seeding stands, and the next step matches the one the saving world took."""
+    original = torch.load(results / f"grads-{saved}.pt")
+    resharded = torch.load(results / f"reshard-{saved}-to-{world}.pt")
+    assert resharded["state"] == {"step": 1, "cursor": [0, 5]}
+    assert resharded["rng_kept"]
+    assert resharded["params"].keys() == original["params"].keys()
+    for name, value in original["params"].items():
+        assert torch.equal(resharded["params"][name], value), name
+        assert original["moments"][name].keys() == {"exp_avg", "exp_avg_sq"}, name
+        for key, moment in original["moments"][name].items():
+            assert moment.abs().sum() > 0, (name, key)
+            assert torch.equal(resharded["moments"][name][key], moment), (name, key)
+        stepped = resharded["stepped"][name]
+        assert not torch.equal(stepped, value), name
+        torch.testing.assert_close(stepped, original["stepped"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from bao_fast.train.checkpoint import latest_checkpoint
 from bao_fast.train.logging import read_jsonl
 
-from .conftest import run_worker
+from .conftest import run_worker, worker_process
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +31,19 @@ STOP = 5
 VOLATILE = ("time", "tokens_per_s")
 
 
-def sft_run(run_dir: Path, overrides: tuple[str, ...] = (), stop_after: int | None = None) -> str | None:
-    """Run SFT on ``run_dir`` in a fresh process; returns the exported model's path (None when stopped)."""
+def sft_args(run_dir: Path, overrides: tuple[str, ...] = (), stop_after: int | None = None) -> list[str]:
+    """``_train_worker.py``'s arguments for SFT on ``run_dir``."""
     spec = {"config": DEMO_CONFIG, "overrides": [*BASE, f"run_dir={run_dir}", *overrides],
             "stop_after": stop_after, "stage": "sft"}
-    out = run_dir.with_suffix(".json")
-    run_worker("_train_worker.py", [json.dumps(spec), str(out)], timeout=200)
-    return json.loads(out.read_text())["model"]
+    return [json.dumps(spec), str(run_dir.with_suffix(".json"))]
+
+
+def sft_run(
+    run_dir: Path, overrides: tuple[str, ...] = (), stop_after: int | None = None, nproc: int = 1
+) -> str | None:
+    """Run SFT on ``run_dir`` in fresh processes; returns the exported model's path (None when stopped)."""
+    run_worker("_train_worker.py", sft_args(run_dir, overrides, stop_after), nproc=nproc, timeout=200)
+    return json.loads(run_dir.with_suffix(".json").read_text())["model"]
 
 
 def stable(run_dir: Path) -> list[dict]:
@@ -146,3 +152,22 @@ def test_dynamic_loss_scaling_stopped_and_resumed_trains_the_unscaled_model(stra
     drop = ("loss_scale", "overflow")
     assert [{k: v for k, v in r.items() if k not in drop} for r in records] == stable(straight)
     assert_same_model(run_dir, straight)
+
+
+def test_run_stopped_on_two_ranks_resumes_on_one(straight: Path, tmp_path: Path) -> None:
+    """The step-4 checkpoint of 2 ranks is resharded onto 1: the resumed run logs the straight 1-rank run's
+    losses up to float summation order (2 ranks' data split is global-token normalised), and trains its model."""
+    run_dir = tmp_path / "run"
+    assert sft_run(run_dir, stop_after=STOP, nproc=2) is None
+    proc = worker_process("_train_worker.py", sft_args(run_dir))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"resuming SFT after step 4 from {run_dir / 'sft-checkpoints' / 'step-000004'} " \
+           "(saved by 2 ranks, resharded onto 1)" in proc.stderr
+    resumed, reference = stable(run_dir), stable(straight)
+    assert [(r["step"], sorted(r)) for r in resumed] == [(r["step"], sorted(r)) for r in reference]
+    for got, want in zip(resumed, reference, strict=True):
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), (got, key)
+    final = load_file(run_dir / "sft-model" / "model.safetensors")
+    for key, value in load_file(straight / "sft-model" / "model.safetensors").items():
+        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-5, msg=key)

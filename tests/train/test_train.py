@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from bao_fast.train import checkpoint as ck
 from bao_fast.train.logging import read_jsonl
 
-from .conftest import run_worker
+from .conftest import run_worker, worker_process
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +117,27 @@ def test_run_without_export_leaves_no_earlier_export(hf_run: Path, tmp_path: Pat
     train_run(run_dir, ["rollout.engine=hf", f"train.steps={STEPS + 1}", "checkpoint.export_hf=false"])
     assert json.loads((run_dir / "evals.json").read_text())[-1]["step"] == STEPS + 1
     assert not (run_dir / "final-model").exists()
+
+
+def test_one_rank_run_continues_on_two_ranks(hf_run: Path, tmp_path: Path) -> None:
+    """The 1-rank run's last checkpoint resharded onto 2 ranks: one more step from where it ended (its
+    records, evals and sampler cursor kept), on both ranks' share of the prompts."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(hf_run, run_dir)
+    spec = {"overrides": [*BASE, f"run_dir={run_dir}", "rollout.engine=hf", f"train.steps={STEPS + 1}"]}
+    args = [json.dumps(spec), str(run_dir.with_suffix(".json"))]
+    proc = worker_process("_train_worker.py", args, nproc=2, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    checkpoint = run_dir / "checkpoints" / f"step-{STEPS:06d}"
+    assert f"resuming RL after step {STEPS} from {checkpoint} (saved by 1 rank, resharded onto 2)" in proc.stderr
+    records = [r for r in read_jsonl(run_dir / "train.jsonl") if "reward" in r]
+    straight = [r for r in read_jsonl(hf_run / "train.jsonl") if "reward" in r]
+    assert records[:STEPS] == straight and records[-1]["step"] == STEPS + 1
+    assert math.isfinite(records[-1]["actor/loss"]) and records[-1]["actor/skipped_updates"] == 0
+    evals = json.loads((run_dir / "evals.json").read_text())
+    assert evals[:-1] == json.loads((hf_run / "evals.json").read_text()) and evals[-1]["step"] == STEPS + 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{STEPS + 1:06d}"]
+    assert len(ck.saved_ranks(run_dir / "checkpoints" / f"step-{STEPS + 1:06d}")) == 2
 
 
 def test_resume_false_starts_over(tmp_path: Path) -> None:
