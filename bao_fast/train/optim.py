@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from bao_fast.config import OptimConfig
 
@@ -47,6 +48,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     if total_steps < 1:
         raise ValueError(f"build_scheduler: total_steps must be >= 1, got {total_steps}")
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def advance_schedule(scheduler: LRScheduler) -> None:
+    """``scheduler.step()`` after an optimiser update, applied or skipped (non-finite, loss-scale overflow):
+    the schedule counts update attempts. Torch warns when this precedes every ``optimizer.step()`` (the run's
+    first update skipped, common at float16's initial loss scale); that order is intended, so the warning is
+    silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
+                                UserWarning)
+        scheduler.step()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -66,7 +66,7 @@ from bao_fast.train.checkpoint import (
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
-from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from bao_fast.train.optim import advance_schedule, build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
     CHECKPOINT_DIR,
     EVALS_FILE,
@@ -318,7 +318,7 @@ def policy_update(
                 skipped += 1
                 nonfinite = nonfinite or {"loss": stats["loss"], "grad_norm": grad_norm}
                 grad_norms.append(grad_norm)
-            s.scheduler.step()
+            advance_schedule(s.scheduler)
             s.optimizer.zero_grad(set_to_none=True)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / (num_minibatches * cfg.train.ppo_epochs)

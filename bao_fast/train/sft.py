@@ -52,7 +52,7 @@ from bao_fast.train.checkpoint import (
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
-from bao_fast.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from bao_fast.train.optim import advance_schedule, build_optimizer, build_scheduler, clip_grad_norm
 from bao_fast.train.runtime import (
     RL_OUTPUTS,
     SFT_CHECKPOINT_DIR,
@@ -172,7 +172,7 @@ def sft_step(s: SFTSetup, state: SFTState, chunk: list[Segments]) -> dict[str, A
     if applied:
         s.optimizer.step()
         s.loss_scale.grow()
-    s.scheduler.step()
+    advance_schedule(s.scheduler)
     s.optimizer.zero_grad(set_to_none=True)
     metrics = {
         "epoch": state.epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": int(num_targets),
