@@ -11,6 +11,7 @@ import pytest
 
 from bao_fast.cli import COMMANDS, build_parser, main
 from bao_fast.eval import pareto
+from bao_fast.rollout import engine as rollout_engine
 
 DEMO_CONFIG = str(Path(__file__).parents[1] / "configs" / "demo-cpu.yaml")
 
@@ -135,3 +136,18 @@ def test_module_entry_point_reports_user_errors() -> None:
     """``python -m bao_fast.cli`` (torchrun, sweeps) catches the UsageError class the commands import."""
     result = subprocess.run([sys.executable, "-m", "bao_fast.cli", "pareto"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("bao-fast pareto: give summaries")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--engine", "vllm"], "bao-fast eval: --engine vllm: vLLM is not installed here"),
+    ([], "bao-fast eval: config key 'rollout.engine': vLLM is not installed here"),
+])
+def test_eval_without_vllm_names_the_engine_before_loading(
+    flags: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(rollout_engine, "find_spec", lambda name: None)
+    (tmp_path / "config.json").write_text("{}")  # refused before anything reads it
+    assert main(["eval", "--checkpoint", str(tmp_path), "--config", DEMO_CONFIG, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and "; --engine hf generates with transformers instead" in err
+    assert len(err.splitlines()) == 1

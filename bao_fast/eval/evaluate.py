@@ -44,7 +44,7 @@ from bao_fast.eval.metrics import summarize
 from bao_fast.eval.report import summary_markdown
 from bao_fast.rollout import GenerationEngine, GenerationParams, Trajectory, run_episodes
 from bao_fast.rollout.agent_loop import end_reason_of, reset_gym, step_gym
-from bao_fast.rollout.engine import engine_dtype
+from bao_fast.rollout.engine import engine_dtype, missing_engine
 
 EPISODES_FILE = "episodes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -376,6 +376,9 @@ def run(args: argparse.Namespace) -> int:
         if not (args.checkpoint / "config.json").is_file():
             raise UsageError(f"--checkpoint {args.checkpoint} is not an HF checkpoint (no config.json)")
         engine_kind = args.engine or cfg.rollout.engine
+        if (missing := missing_engine(engine_kind)) is not None:
+            where = f"--engine {engine_kind}" if args.engine else "config key 'rollout.engine'"
+            raise UsageError(f"{where}: {missing}; --engine hf generates with transformers instead")
         engine, tokenizer = _build_engine(engine_kind, args.checkpoint, cfg), load_tokenizer(args.checkpoint)
         start = time.perf_counter()  # episodes only, not the model load
         trajs = evaluate_model(engine, tokenizer, cfg, tasks)

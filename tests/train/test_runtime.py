@@ -11,6 +11,7 @@ from bao_fast.config import ConfigError, load_config, save_config
 from bao_fast.envs import TASKS, make_tasks
 from bao_fast.models import create_tiny_model
 from bao_fast.models.tiny import TINY_SPEC_FILE
+from bao_fast.rollout import engine as rollout_engine
 from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, tiny_spec, unshared_run_dir
 
 
@@ -91,6 +92,17 @@ def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_pat
     tp = preflight(load_config(None, [*base, "rollout.tensor_parallel_size=2"]), 2, "train")  # samples other seeds
     assert tp.startswith("config key 'rollout.tensor_parallel_size': run_dir")
     assert preflight(load_config(None, [*base, "algo.name=grpo", "checkpoint.resume=false"]), 1, "train") is None
+
+
+def test_preflight_refuses_the_vllm_engine_where_vllm_is_not_installed(tmp_path, monkeypatch) -> None:
+    """Found before the policy loads: a GPU machine without vLLM fails in seconds, naming the key and the fix."""
+    monkeypatch.setattr(rollout_engine, "find_spec", lambda name: None)
+    cfg = load_config(None, ["model.tiny=true", f"run_dir={tmp_path}"])
+    problem = preflight(cfg, 1, "train")
+    assert problem.startswith("config key 'rollout.engine': vLLM is not installed here") and "engine=hf" in problem
+    assert preflight(cfg, 1, "sft") is None  # SFT generates nothing
+    hf = load_config(None, ["model.tiny=true", f"run_dir={tmp_path}", "rollout.engine=hf"])
+    assert preflight(hf, 1, "train") is None
 
 
 def test_preflight_checks_the_models_the_servers_serve(openai_stub, tmp_path, caplog) -> None:
