@@ -21,8 +21,8 @@ Safety rules (a failed run never corrupts a checkpoint):
   one; directories are renamed to ``.del-`` before they are deleted, so a crash mid-delete never leaves a
   half-deleted ``step-N``. Stale ``.tmp-``/``.del-`` directories of earlier steps are removed after a save.
 * Reading: :func:`load_checkpoint` checks, before it changes any state, that the checkpoint is complete
-  (``.metadata`` present), that its rank files are those of one world, and that every state file it reads
-  reads; a damaged checkpoint raises :class:`CheckpointError` naming the file and the previous
+  (``.metadata`` present), that its rank files are those of one world, and that the trainer state each
+  rank reads loads; a damaged checkpoint raises :class:`CheckpointError` naming the file and the previous
   checkpoint. It does not silently fall back to an older one (that would quietly discard training and
   hide a storage fault): delete the damaged ``step-N`` directory to resume from the previous checkpoint.
 * Another world size: with ``reshard=True`` (the trainers, whose trainer state is the same on every rank) a
@@ -319,11 +319,12 @@ def saved_ranks(path: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in Path(path).iterdir() if (m := _RANK_FILE.match(p.name)))
 
 
-def reshard_note(path: str | Path) -> str:
-    """``" (saved by k ranks, resharded onto n)"`` when checkpoint ``path`` was saved by another number of
-    ranks than this run has, else ``""``: for the trainers' resume messages."""
+def resume_message(stage: str, step: int, path: str | Path) -> str:
+    """The trainers' line on resuming ``stage`` (RL, SFT) after ``step`` from checkpoint ``path``, saying so when
+    it was saved by another number of ranks than this run has."""
     saved, world = len(saved_ranks(path)), dist.get_world_size()
-    return f" (saved by {_ranks(saved)}, resharded onto {world})" if saved != world else ""
+    reshard = f" (saved by {_ranks(saved)}, resharded onto {world})" if saved != world else ""
+    return f"resuming {stage} after step {step} from {path}{reshard}"
 
 
 def _ranks(n: int) -> str:

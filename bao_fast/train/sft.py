@@ -45,8 +45,8 @@ from bao_fast.train.checkpoint import (
     export_hf,
     load_checkpoint,
     remove_outputs,
-    reshard_note,
     resume_checkpoint,
+    resume_message,
     save_checkpoint,
 )
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
@@ -244,8 +244,7 @@ def train_sft(
     if checkpoint is not None:
         _restore(s, state, checkpoint)
         if env.is_main:
-            print(f"resuming SFT after step {state.step} from {checkpoint}{reshard_note(checkpoint)}",
-                  file=sys.stderr, flush=True)
+            print(resume_message("SFT", state.step, checkpoint), file=sys.stderr, flush=True)
     logger = MetricsLogger(run_dir, cfg.logging, name="sft", total=s.total_steps, enabled=env.is_main,
                            run_config=config_to_dict(cfg),
                            resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records

@@ -33,7 +33,7 @@ from bao_fast.train.checkpoint import (
     export_hf,
     latest_checkpoint,
     load_checkpoint,
-    reshard_note,
+    resume_message,
     save_checkpoint,
 )
 from bao_fast.train.fsdp import init_distributed, load_policy
@@ -415,7 +415,7 @@ def test_reshard_from_more_ranks_takes_rank_0s_state_and_keeps_the_callers_rng(t
     other["step"], other["rng"]["torch"] = 99, torch.manual_seed(5).get_state()
     for r in (1, 2):
         torch.save(other, step / f"rank-{r}.pt")
-    assert reshard_note(step) == " (saved by 3 ranks, resharded onto 1)"
+    assert resume_message("RL", 1, step) == f"resuming RL after step 1 from {step} (saved by 3 ranks, resharded onto 1)"
     torch.manual_seed(1234)
     expected = torch.rand(3)
     torch.manual_seed(1234)
