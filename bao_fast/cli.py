@@ -9,8 +9,9 @@ together, an unknown name, input files that are not what the command reads), ``C
 config file or ``KEY=VALUE`` override) and the ``OSError`` of a path that does not exist, is a file where a
 directory is needed or the other way round, or may not be read or written (:data:`PATH_ERRORS`). The
 commands load their config inside ``run``, so these are caught around it. A :class:`RunError` (the run's
-files or disk failed it: a damaged checkpoint, a full disk) prints its one line too, with exit status 1.
-Any other exception is a bug and keeps its traceback.
+files or disk failed it: a damaged checkpoint, a full disk) prints its one line too, with exit status 1;
+:class:`StopRequested` (a run that saved a checkpoint and stopped on SIGTERM / SIGUSR1) with 128 + the signal's
+number. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ class UsageError(ValueError):
 class RunError(RuntimeError):
     """The run cannot go on for a reason outside the code (a damaged checkpoint, a full disk); the message
     names the path and what is left on disk. The command ends with that one line and exit status 1."""
+
+
+class StopRequested(RuntimeError):
+    """The run stopped early on a signal, after saving a checkpoint (``bao_fast.train.preemption``); rerunning
+    the command resumes it. The command ends with the message and exit status 128 + ``signum``."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 PATH_ERRORS: tuple[type[OSError], ...] = (
@@ -86,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as exc:
         print(f"bao-fast {args.command}: {exc}", file=sys.stderr)
         return 1
+    except StopRequested as exc:
+        print(f"bao-fast {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

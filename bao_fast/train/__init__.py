@@ -7,7 +7,8 @@
 - ``rl.py``: the BAO loop, one function per algorithm step (``bao-fast train``, SFT first when enabled).
 - ``demo.py``: the embedded default run and its SFT-vs-RL report (``bao-fast demo``).
 - ``fsdp.py``: process group, device mesh, the FSDP2-sharded :class:`~bao_fast.train.fsdp.Policy`.
-- ``checkpoint.py``: atomic DCP checkpoints for exact resume; HF export.
+- ``checkpoint.py``: atomic DCP checkpoints for exact resume (resharded onto another world size); HF export.
+- ``preemption.py``: SIGTERM / SIGUSR1 stop the trainers at the next step boundary, with a checkpoint.
 - ``optim.py``, ``logging.py``, ``runtime.py``: AdamW + schedules; JSONL / progress / TensorBoard / wandb
   and the non-finite guard; seeding, the resumable task sampler, rank lock-step helpers.
 - ``loss_scale.py``: dynamic loss scaling for float16 training (``optim.loss_scale``).

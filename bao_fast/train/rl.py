@@ -20,7 +20,8 @@ One RL step, as :func:`rl_step` reads top to bottom:
    skipped when the loss or gradient norm is not finite;
 7. log metrics; evaluate greedily every ``train.eval_every`` steps; checkpoint every
    ``checkpoint.save_every`` steps (DCP, atomic) for exact resume (or, on another world size, a resharded
-   one whose rollouts sample differently).
+   one whose rollouts sample differently); after SIGTERM / SIGUSR1, checkpoint and stop
+   (:mod:`bao_fast.train.preemption`).
 
 ``algo.name`` picks the shaping: ``bao`` (r2g credits + sum score + both penalties), ``userrl``
 (equalized + mean), ``grpo`` (outcome reward).
@@ -67,6 +68,7 @@ from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shu
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
 from bao_fast.train.optim import advance_schedule, build_optimizer, build_scheduler, clip_grad_norm
+from bao_fast.train.preemption import stop_requested, stop_signals
 from bao_fast.train.runtime import (
     CHECKPOINT_DIR,
     EVALS_FILE,
@@ -566,21 +568,25 @@ def train_rl(
         if state.step == 0 and not state.evals:
             state.evals.append(evaluate(s, 0))
             logger.log(0, eval_metrics(state.evals[-1]))
-        while state.step < cfg.train.steps:
-            state.step += 1
-            metrics = rl_step(s, state)
-            last = state.step == cfg.train.steps
-            if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
-                state.evals.append(evaluate(s, state.step))
-                metrics.update(eval_metrics(state.evals[-1]))
-            status = f"reward {metrics['reward']:.3f} success {metrics['success_rate']:.3f}"
-            logger.log(state.step, metrics, status=status)
-            save_every = cfg.checkpoint.save_every
-            if last or (save_every and state.step % save_every == 0):
-                save_checkpoint(run_dir / CHECKPOINT_DIR, state.step, s.policy, s.optimizer, _trainer_state(s, state),
-                                keep_last=cfg.checkpoint.keep_last)
-            if stop_after is not None and state.step >= stop_after:
-                return state.evals
+        with stop_signals() as signals:
+            while state.step < cfg.train.steps:
+                state.step += 1
+                metrics = rl_step(s, state)
+                last = state.step == cfg.train.steps
+                if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+                    state.evals.append(evaluate(s, state.step))
+                    metrics.update(eval_metrics(state.evals[-1]))
+                status = f"reward {metrics['reward']:.3f} success {metrics['success_rate']:.3f}"
+                logger.log(state.step, metrics, status=status)
+                save_every = cfg.checkpoint.save_every
+                signum = None if last else signals.agreed()  # the last step ends the run anyway
+                if last or (save_every and state.step % save_every == 0) or signum is not None:
+                    saved = save_checkpoint(run_dir / CHECKPOINT_DIR, state.step, s.policy, s.optimizer,
+                                            _trainer_state(s, state), keep_last=cfg.checkpoint.keep_last)
+                if signum is not None:
+                    raise stop_requested("RL", state.step, signum, str(saved))
+                if stop_after is not None and state.step >= stop_after:
+                    return state.evals
         if cfg.checkpoint.export_hf:
             export_hf(s.policy, tokenizer, run_dir / FINAL_MODEL_DIR)
         else:  # an export of an earlier last step (a shorter run resumed) must not pass for the result

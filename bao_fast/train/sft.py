@@ -16,7 +16,8 @@ rerun continues from the latest one on the same data (the data file; checkpoints
 the same next batch (the data order derives from seeds), so it logs the losses an uninterrupted run would
 have; on another world size it reshards (the same losses up to float summation order). The export ends
 SFT: the last step writes no checkpoint, the checkpoints are deleted once the export exists, and a rerun
-reuses the export. ``checkpoint.resume=false`` starts SFT over (the teacher plays
+reuses the export. SIGTERM / SIGUSR1 end SFT after the current step with a checkpoint of it
+(:mod:`bao_fast.train.preemption`). ``checkpoint.resume=false`` starts SFT over (the teacher plays
 again; an earlier export and checkpoints are deleted). An SFT that trains deletes the RL outputs of the run
 (``RL_OUTPUTS``): they were trained from an earlier export.
 """
@@ -53,6 +54,7 @@ from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shu
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
 from bao_fast.train.optim import advance_schedule, build_optimizer, build_scheduler, clip_grad_norm
+from bao_fast.train.preemption import stop_requested, stop_signals
 from bao_fast.train.runtime import (
     RL_OUTPUTS,
     SFT_CHECKPOINT_DIR,
@@ -250,22 +252,27 @@ def train_sft(
                            resume_step=state.step if checkpoint is not None else -1)  # fresh: drop old records
     logger.advance_to(state.step)
     try:
-        while state.epoch < cfg.sft.epochs:
-            state.step += 1
-            metrics = sft_step(s, state, next_batch(s, state))
-            logger.log(state.step, metrics, status=_status(metrics, state))
-            if state.position == len(s.train):
-                if s.held_out:  # sft.eval_fraction of a small set can hold out nothing
-                    loss = eval_loss(s.policy, s.held_out, env, cfg.sft.micro_batch_tokens)
-                    state.evals.append({"epoch": state.epoch, "eval_loss": loss})
-                    logger.log(state.step, state.evals[-1], status=_status(metrics, state))
-                state.epoch, state.position = state.epoch + 1, 0
-            save_every = cfg.checkpoint.save_every
-            if state.epoch < cfg.sft.epochs and save_every and state.step % save_every == 0:
-                save_checkpoint(root, state.step, s.policy, s.optimizer, _trainer_state(s, state),
-                                keep_last=cfg.checkpoint.keep_last)
-            if stop_after is not None and state.step >= stop_after:
-                return None
+        with stop_signals() as signals:
+            while state.epoch < cfg.sft.epochs:
+                state.step += 1
+                metrics = sft_step(s, state, next_batch(s, state))
+                logger.log(state.step, metrics, status=_status(metrics, state))
+                if state.position == len(s.train):
+                    if s.held_out:  # sft.eval_fraction of a small set can hold out nothing
+                        loss = eval_loss(s.policy, s.held_out, env, cfg.sft.micro_batch_tokens)
+                        state.evals.append({"epoch": state.epoch, "eval_loss": loss})
+                        logger.log(state.step, state.evals[-1], status=_status(metrics, state))
+                    state.epoch, state.position = state.epoch + 1, 0
+                save_every = cfg.checkpoint.save_every
+                unfinished = state.epoch < cfg.sft.epochs  # the last step goes on to the export
+                signum = signals.agreed() if unfinished else None
+                if unfinished and ((save_every and state.step % save_every == 0) or signum is not None):
+                    saved = save_checkpoint(root, state.step, s.policy, s.optimizer, _trainer_state(s, state),
+                                            keep_last=cfg.checkpoint.keep_last)
+                if signum is not None:
+                    raise stop_requested("SFT", state.step, signum, str(saved))
+                if stop_after is not None and state.step >= stop_after:
+                    return None
         export_hf(s.policy, tokenizer, out)
         remove_outputs([root])  # only an unfinished SFT resumes from them
     finally:

@@ -4,7 +4,8 @@ Registers a one-turn "coin" gym whose reward depends on the parity of the genera
 random-weight tiny model gets varied rewards (non-zero GRPO advantages) in a few tokens. Then runs
 ``bao_fast.train.rl.train`` (or, with "stage": "sft", ``bao_fast.train.sft.run_sft``) on the config built
 from argv[1] (JSON: {"config": path | null, "overrides": [...], "stop_after": int | null, "stage": ...}) and,
-on rank 0, writes {"evals": ...} (or {"model": path | null}) and "world_size" to argv[2].
+on rank 0, writes {"evals": ...} (or {"model": path | null}) and "world_size" to argv[2]. A run stopped by a
+signal (``StopRequested``) writes {"stopped": message} and exits like the command line, with 128 + the signal.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from bao_fast.cli import StopRequested
 from bao_fast.config import load_config
 from bao_fast.envs import GYMS, TASKS
 from bao_fast.envs.base import Gym, Outcome, StepResult, ToolCall
@@ -47,21 +49,27 @@ def coin_tasks(split: str, n: int | None, level: Any, seed: int, path: str | Non
     return [f"{split}-{seed}-{i}" for i in range(n or 8)]
 
 
-def main() -> None:
+def main() -> int:
     GYMS["coin"] = CoinGym
     TASKS["coin"] = coin_tasks
     spec = json.loads(sys.argv[1])
     cfg = load_config(spec.get("config"), spec["overrides"])
-    if spec.get("stage") == "sft":
-        model = run_sft(cfg, stop_after=spec.get("stop_after"))
-        result: dict[str, Any] = {"model": model and str(model)}
-    else:
-        result = {"evals": train(cfg, stop_after=spec.get("stop_after"))}
+    status = 0
+    try:
+        if spec.get("stage") == "sft":
+            model = run_sft(cfg, stop_after=spec.get("stop_after"))
+            result: dict[str, Any] = {"model": model and str(model)}
+        else:
+            result = {"evals": train(cfg, stop_after=spec.get("stop_after"))}
+    except StopRequested as exc:  # as the command line reports it
+        print(f"bao-fast: {exc}", file=sys.stderr, flush=True)
+        result, status = {"stopped": str(exc)}, 128 + exc.signum
     if dist.get_rank() == 0:
         with open(sys.argv[2], "w") as f:
             json.dump({**result, "world_size": dist.get_world_size()}, f)
     dist.destroy_process_group()
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

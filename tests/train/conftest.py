@@ -16,9 +16,9 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 
 
-def worker_process(script: str, args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``tests/train/<script>`` with ``args`` (under ``torchrun --standalone`` when ``nproc > 1``); its exit
-    status and output (text)."""
+def worker_command(script: str, args: list[str], nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment that run ``tests/train/<script>`` with ``args`` (under ``torchrun
+    --standalone`` when ``nproc > 1``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -27,8 +27,13 @@ def worker_process(script: str, args: list[str], nproc: int = 1, timeout: float 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
         cmd = [sys.executable]
-    return subprocess.run([*cmd, str(HERE / script), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return [*cmd, str(HERE / script), *args], env
+
+
+def worker_process(script: str, args: list[str], nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run :func:`worker_command`; its exit status and output (text)."""
+    cmd, env = worker_command(script, args, nproc)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def run_worker(script: str, args: list[str], nproc: int = 1, timeout: float = 300) -> None:
