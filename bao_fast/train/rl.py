@@ -614,7 +614,26 @@ def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]
     return train_rl(cfg, env, model_path, tokenizer, stop_after=stop_after)
 
 
+COMMAND_HELP = """\
+bao-fast train: BAO for a multi-turn agent: behaviour-enhanced SFT on teacher episodes (when sft.enabled),
+then behaviour-regularised multi-turn GRPO, with the rollout engine (vLLM) in the training processes.
+
+    torchrun --nproc_per_node 8 -m bao_fast.cli train --config configs/functiongym-qwen3-4b-bao.yaml \\
+        model.path=/models/Qwen3-4B run_dir=runs/fg-bao
+    bao-fast train --config configs/demo-cpu.yaml train.steps=4 run_dir=runs/try     # one CPU process
+
+Writes to run_dir: config.yaml; sft.jsonl and train.jsonl (metrics per step); sft-model/ and final-model/
+(HF checkpoints); checkpoints/ (DCP); evals.json. Rerunning the command resumes from the latest checkpoint,
+on the same or another number of ranks (checkpoint.resume=false starts over). SIGTERM or SIGUSR1 stop the
+run after the current step with a checkpoint (exit status 128 + the signal). Exit status 2: a bad flag,
+config key or path, found before anything is written; 1: a checkpoint that cannot be written or read.
+Config keys: bao_fast/config.py; any key can be overridden as a dotted KEY=VALUE.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = COMMAND_HELP
     parser.add_argument("--config", required=True, help="YAML run config (e.g. configs/functiongym-qwen3-4b-bao.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 algo.name=userrl")
 

@@ -287,7 +287,28 @@ def run_sft(cfg: Config, *, stop_after: int | None = None) -> Path | None:
     return train_sft(cfg, env, init_path, load_tokenizer(init_path), stop_after=stop_after)
 
 
+COMMAND_HELP = """\
+bao-fast sft: behaviour-enhanced SFT alone (BAO's first stage; bao-fast train runs it, then RL). The
+teacher (sft.teacher: the gym's scripted one, or an LLM behind an OpenAI-compatible server) plays training
+tasks, writing retrospective and prospective reasoning; the policy is fine-tuned on the episodes it solved,
+with the loss on the assistant's tokens only.
+
+    bao-fast sft --config configs/demo-cpu.yaml run_dir=runs/sft-try
+    torchrun --nproc_per_node 8 -m bao_fast.cli sft --config configs/telepathy-qwen3-4b-bao.yaml \\
+        model.path=/models/Qwen3-4B sft.teacher=llm sft.teacher_base_url=http://127.0.0.1:8002 \\
+        sft.teacher_model=Qwen/Qwen3-235B-A22B
+
+Writes to run_dir: sft-data.jsonl (the teacher's solved episodes, reused by a rerun), sft.jsonl (metrics per
+step), sft-checkpoints/ (DCP, until the export exists) and sft-model/ (the HF checkpoint). Rerunning resumes,
+on the same or another number of ranks; SIGTERM or SIGUSR1 stop after the current step with a checkpoint
+(exit status 128 + the signal). Exit status 2: a bad flag, config key or path; 1: a checkpoint that cannot
+be written or read.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = COMMAND_HELP
     parser.add_argument("--config", required=True, help="YAML run config (e.g. configs/demo-cpu.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.epochs=3 run_dir=runs/x")
 
