@@ -16,15 +16,18 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 
 
-def worker_command(script: str, args: list[str], nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+def worker_command(
+    script: str, args: list[str], nproc: int = 1, torchrun_args: tuple[str, ...] = ()
+) -> tuple[list[str], dict[str, str]]:
     """Command line and environment that run ``tests/train/<script>`` with ``args`` (under ``torchrun
-    --standalone`` when ``nproc > 1``)."""
+    --standalone *torchrun_args`` when ``nproc > 1``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *torchrun_args]
     else:
         cmd = [sys.executable]
     return [*cmd, str(HERE / script), *args], env

@@ -112,7 +112,8 @@ def test_rl_on_two_ranks_stopped_by_sigterm_to_torchrun_saves_its_step_and_resum
     overrides = [*RL_BASE, f"run_dir={run_dir}", "rollout.engine=hf", "train.steps=50", "checkpoint.save_every=0",
                  "train.eval_every=0"]
     args = [json.dumps({"overrides": overrides}), str(run_dir.with_suffix(".json"))]
-    cmd, env = worker_command("_train_worker.py", args, nproc=2)
+    # the grace torchrun gives its workers after forwarding SIGTERM (30 s by default): room for a loaded CI machine
+    cmd, env = worker_command("_train_worker.py", args, nproc=2, torchrun_args=("--shutdown-timeout", "180"))
     proc = signal_after_first_step(cmd, env, run_dir / "train.jsonl", signal.SIGTERM)
     records = [r for r in read_jsonl(run_dir / "train.jsonl") if "reward" in r]
     step = records[-1]["step"]
