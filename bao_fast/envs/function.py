@@ -14,7 +14,7 @@ import random
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,7 @@ def _row_task(row: Any, index: int, verify: bool) -> FunctionTask:
         raise ValueError(f"{where}: bad rule {rule!r}: {exc}") from None
     if verify and not math.isclose(value, expected, rel_tol=1e-6, abs_tol=1e-6):
         raise ValueError(f"{where}: rule {rule!r} gives {value!r} on {test_case}, but expected_result is {expected!r}")
-    return task
+    return replace(task, expected_result=float(value))  # answers are checked against f(test case) (BAO.md)
 
 
 def load_userrl_functions(
@@ -203,7 +203,8 @@ def load_userrl_functions(
 
     Accepted per row: ``id`` str or int (kept as str); ``rule`` in the safe grammar; ``test_case`` a list
     of 4 ints or a string of 4 integers; ``expected_result`` a number or numeric string. With ``verify``
-    the rule must reproduce ``expected_result`` on the test case (relative/absolute tolerance 1e-6).
+    the rule must reproduce ``expected_result`` on the test case (relative/absolute tolerance 1e-6), and the
+    task keeps the rule's value, which answers are checked against; without it the file's value is kept.
     ``ids`` selects and orders rows. Raises ValueError naming the offending row or id.
     """
     data = json.loads(Path(path).read_text())

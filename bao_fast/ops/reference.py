@@ -255,7 +255,8 @@ def clipped_ratio_loss_reference(
     agg: str = "token-mean",
     norm_length: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped-ratio policy loss (verl semantics), differentiable through ``logp`` by torch autograd.
+    """Clipped-ratio policy loss (verl semantics, but k3 clamps its log-ratio where verl's ``low_var_kl`` clamps
+    the result: :func:`_kl_penalty`), differentiable through ``logp`` by torch autograd.
 
     Per token: ρ = exp(clamp(logp - old_logp, -20, 20)); pg = max(-A ρ, -A clip(ρ, 1 - clip_low,
     1 + clip_high)); for A < 0, pg = min(pg, -A · dual_clip); l = pg + kl_coef · kl(logp, ref_logp).

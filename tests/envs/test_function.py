@@ -299,6 +299,20 @@ def test_load_userrl_functions(tmp_path: Path) -> None:
         load_userrl_functions(tmp_path / "functions.json", ids=["nope"])
 
 
+def test_loaded_task_is_checked_against_f_not_the_files_rounded_value(tmp_path: Path) -> None:
+    """BAO.md checks an answer against f(test case): a file value within the loader's relative 1e-6 of f but
+    beyond the gym's absolute tolerance must not turn the exact answer into a wrong one."""
+    row = {"id": "big", "rule": "a**b + c*d", "test_case": [10, 7, 1, 1], "expected_result": 10000001.5}
+    verified, = load_userrl_functions(_write(tmp_path / "functions.json", [row]))
+    assert verified.expected_result == 10000001.0
+    gym = FunctionGym()
+    gym.reset(verified, seed=0)
+    result = gym.step("<think>f is known.</think>\n[answer] 10000001")
+    assert (result.reward, result.terminated) == (1.0, True)
+    unverified, = load_userrl_functions(tmp_path / "functions.json", verify=False)
+    assert unverified.expected_result == 10000001.5  # nothing to compute it from but the file
+
+
 @pytest.mark.parametrize(
     ("patch", "match"),
     [
