@@ -127,10 +127,11 @@ def end_reason_of(result: StepResult) -> EndReason | None:
     return "max_turns" if result.truncated else None
 
 
-def _fit_to_context(gen: Generation, room: int) -> tuple[Generation, bool]:
-    """``gen`` cut to ``room`` tokens, and whether the context cut it (then the episode ends there)."""
+def _fit_to_context(gen: Generation, room: int, max_tokens: int) -> tuple[Generation, bool]:
+    """``gen`` cut to ``room`` tokens, and whether the context cut it (then the episode ends there). Output
+    that fills the room exactly is whole when it stopped on its own or at the turn limit ``max_tokens``."""
     n = len(gen.token_ids)
-    if n < room or (n == room and gen.finish_reason == "stop"):
+    if n < room or (n == room and (gen.finish_reason == "stop" or n == max_tokens)):
         return gen, False
     lps = None if gen.logprobs is None else gen.logprobs[:room]
     return Generation(gen.token_ids[:room], lps, "length"), True
@@ -199,7 +200,7 @@ def run_episodes(
                 tp_group.check_identical([g.token_ids for g in gens])
             stepping: list[tuple[_Episode, Generation, str]] = []
             for ep, raw in zip(live, gens):
-                gen, cut = _fit_to_context(raw, limit - len(ep.prompt))
+                gen, cut = _fit_to_context(raw, limit - len(ep.prompt), turn_params.max_tokens)
                 text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
                 ep.record_output(gen, text)
                 if cut:  # the gym never sees a turn the context cut off

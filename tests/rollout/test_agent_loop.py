@@ -164,6 +164,22 @@ def test_context_limit_cuts_generation(tokenizer):
     assert traj.assistant_token_ids == engine.calls[0][1][0].token_ids
 
 
+@pytest.mark.parametrize("spare", [0, 1])
+def test_turn_limit_that_fills_the_context_is_still_stepped(tokenizer, spare):
+    """An output stopped at max_tokens is a whole turn even when the context's room equals max_tokens: the
+    gym judges it (here a right answer), as it does with one token of room to spare."""
+    fmt = ChatFormat.from_tokenizer(tokenizer)
+    opening = len(fmt.prompt_ids(make_gym("function").reset(TASKS[0], 0)))
+    text = f"[answer] {TASKS[0].expected_result:g}"
+    max_tokens = len(tokenizer.encode(text, add_special_tokens=False))  # the eos after it is cut: "length"
+    engine = ScriptedEngine(tokenizer, lambda _: text, max_model_len=MAX_LEN)
+    gym = lambda: make_gym("function")  # noqa: E731
+    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=max_tokens),
+                           max_turns=5, max_model_len=opening + max_tokens + spare)
+    assert engine.calls[0][1][0].finish_reason == "length"
+    assert (traj.end_reason, traj.turn_choices, traj.turn_rewards) == ("correct", ["answer"], [1.0])
+
+
 def test_context_limit_on_next_prompt(tokenizer):
     text = "<think>x</think>\n[action] 1 2 3 4"
     fmt = ChatFormat.from_tokenizer(tokenizer)
