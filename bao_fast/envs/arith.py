@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -38,17 +39,19 @@ class UndefinedResult(RuleError):
 
 def parse_expression(expr: str, variables: frozenset[str] | set[str]) -> ast.Expression:
     """Parse and validate ``expr``; returns its AST. Raises :class:`RuleError` naming the offending part."""
+    if not isinstance(expr, str):  # before the cache, which would raise TypeError on an unhashable value
+        raise RuleError(f"expression must be a str, got {type(expr).__name__}")
     return _parse(expr, frozenset(variables))
 
 
 @lru_cache(maxsize=4096)
 def _parse(expr: str, variables: frozenset[str]) -> ast.Expression:
-    if not isinstance(expr, str):
-        raise RuleError(f"expression must be a str, got {type(expr).__name__}")
     if len(expr) > MAX_RULE_CHARS:
         raise RuleError(f"expression longer than {MAX_RULE_CHARS} characters")
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        with warnings.catch_warnings():  # agent text such as "28and" would print Python's SyntaxWarning
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         raise RuleError(f"expression {expr!r} is not valid arithmetic: {exc}") from None
     nodes = list(ast.walk(tree))

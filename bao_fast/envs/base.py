@@ -44,9 +44,7 @@ TOOL_SCHEMA: dict[str, Any] = {
 }
 """OpenAI function schema of the tool, for chat templates and servers that take ``tools=``."""
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_HERMES_CLOSED = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-_TAG = re.compile(r"^[ \t]*\[(action|search|answer|finish)\]", re.IGNORECASE | re.MULTILINE)
+_TAG = re.compile(r"^[ \t]*\[(action|search|answer|finish)\]", re.IGNORECASE | re.MULTILINE | re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -100,12 +98,36 @@ def _visible_text(text: str) -> str:
     """Drop reasoning: closed ``<think>`` blocks, anything before a stray ``</think>`` (templates that
     open the block in the prompt), and anything after an unclosed ``<think>`` (generation cut mid-thought).
     """
-    text = _THINK_BLOCK.sub("", text)
+    text = _drop_think_blocks(text)
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     if "<think>" in text:
         text = text.split("<think>", 1)[0]
     return text
+
+
+def _drop_think_blocks(text: str) -> str:
+    """``text`` without its closed ``<think>…</think>`` blocks (each to the next ``</think>``), in one pass: a
+    regex would rescan the rest of the text from every unclosed ``<think>`` (quadratic in a degenerate turn)."""
+    parts, pos = [], 0
+    while (start := text.find("<think>", pos)) >= 0 and (end := text.find("</think>", start + 7)) >= 0:
+        parts.append(text[pos:start])
+        pos = end + len("</think>")
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _last_hermes_body(text: str) -> str | None:
+    """The body of the last ``<tool_call>`` in ``text``: of a final call without its closing tag, else of the
+    last closed call (from its nearest opening tag, so an unclosed draft before it is not part of it); None
+    without one."""
+    opening, closing = text.rfind("<tool_call>"), text.rfind("</tool_call>")
+    if opening > closing:
+        return text[opening + len("<tool_call>") :]
+    opening = text.rfind("<tool_call>", 0, closing) if closing >= 0 else -1
+    if opening < 0:
+        return None
+    return text[opening + len("<tool_call>") : text.find("</tool_call>", opening)]
 
 
 def _content_to_str(content: Any) -> str | None:
@@ -168,12 +190,9 @@ def parse_tool_call(text: str) -> ToolCall | ParseError:
     if not isinstance(text, str):
         return ParseError(f"the turn must be text, got {type(text).__name__}", missing=True)
     visible = _visible_text(text)
-    bodies = _HERMES_CLOSED.findall(visible)
-    tail = _HERMES_CLOSED.sub("", visible)
-    if "<tool_call>" in tail:
-        bodies.append(tail.rsplit("<tool_call>", 1)[1].replace("</tool_call>", ""))
-    if bodies:
-        return _parse_hermes(bodies[-1])
+    body = _last_hermes_body(visible)
+    if body is not None:
+        return _parse_hermes(body)
     tags = list(_TAG.finditer(visible))
     if tags:
         last = tags[-1]

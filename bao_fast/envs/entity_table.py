@@ -233,7 +233,11 @@ def _grammar_hint() -> str:
 def parse_question(text: str) -> Question:
     """Parse a question of the grammar above (case-insensitive). Raises :class:`QuestionError` with a
     reason the user can reply with."""
-    body = re.sub(r"[?.!\s]+$", "", text.strip().lower())
+    body = text.strip().lower()
+    end = len(body)
+    while end and (body[end - 1] in "?.!" or body[end - 1].isspace()):  # in one pass (a "[?.!\s]+$" regex
+        end -= 1  # rescans from every space of a long reply)
+    body = body[:end]
     body = re.sub(r"^(?:is\s+)?(?:the\s+|its\s+)?", "", body)
     split = re.match(r"([a-z_]*)(.*)", body, re.DOTALL)
     assert split is not None  # the pattern matches every string

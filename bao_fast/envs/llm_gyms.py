@@ -214,6 +214,8 @@ class TelepathyTask:
         for name in ("id", "entity", "category"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"TelepathyTask.{name} must be a non-empty str, got {getattr(self, name)!r}")
+        if not isinstance(self.aliases, tuple) or not all(isinstance(a, str) and a.strip() for a in self.aliases):
+            raise ValueError(f"TelepathyTask.aliases must be a tuple of non-empty str, got {self.aliases!r}")
 
 
 _TELEPATHY = (
@@ -237,6 +239,9 @@ def telepathy_tasks(
     Shuffled by ``seed``; the first ``n`` (default all). ``level`` is unused (registry signature)."""
     if path is not None:
         rows = _load_rows(path, ("id", "entity", "category"))
+        for i, row in enumerate(rows):  # a string would become its letters, each then an exact match
+            if not isinstance(row.get("aliases", []), list):
+                raise ValueError(f"{path}: row {i}: 'aliases' must be a list of names, got {row['aliases']!r}")
         tasks = [TelepathyTask(str(r["id"]), r["entity"], r["category"], tuple(r.get("aliases", ()))) for r in rows]
     else:
         tasks = [TelepathyTask(f"tp-{i:03d}", e, c, a) for i, (e, c, a) in enumerate(_TELEPATHY)]

@@ -151,8 +151,8 @@ def _judgment(item: Any) -> float | None:
         item = item.get("score")
     if isinstance(item, str) and re.fullmatch(r"\s*(0|1|0?\.5|1\.0|0\.0)\s*", item):
         item = float(item)
-    if isinstance(item, int | float) and not isinstance(item, bool) and float(item) in _VALID_SCORES:
-        return float(item)
+    if isinstance(item, int | float) and not isinstance(item, bool) and item in _VALID_SCORES:  # no float(): a
+        return float(item)  # JSON integer beyond float's range would raise
     return None
 
 

@@ -51,10 +51,18 @@ def _hermes(args: object, name: str = TOOL_NAME) -> str:
         ("<think>hmm</think>\n  [SEARCH] test  ", ToolCall("search", "test")),
         ("[answer] 1\nthinking again\n[answer] 2.5", ToolCall("answer", "2.5")),
         ("[finish]", ToolCall("finish", "")),
+        # an unclosed draft before the final call is not part of it
+        ("<tool_call>draft\n" + _hermes({"choice": "answer", "content": "7"}), ToolCall("answer", "7")),
+        (_hermes({"choice": "answer", "content": "7"}) + " stray </tool_call>", ToolCall("answer", "7")),
+        ("<think>a</think><think>b" + "<think>" * 50, ParseError("", True)),
     ],
 )
-def test_parse_valid_calls(text: str, expected: ToolCall) -> None:
-    assert parse_tool_call(text) == expected
+def test_parse_valid_calls(text: str, expected: ToolCall | ParseError) -> None:
+    result = parse_tool_call(text)
+    if isinstance(expected, ParseError):
+        assert isinstance(result, ParseError) and result.missing == expected.missing
+    else:
+        assert result == expected
 
 
 @pytest.mark.parametrize(
@@ -92,7 +100,8 @@ def test_parse_unparseable_json_is_malformed(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "I will now think about a b c d.", "<think>[action] 1 2 3 4", "<think>x</think>", "we try [action] 1 2 3 4"],
+    ["", "I will now think about a b c d.", "<think>[action] 1 2 3 4", "<think>x</think>", "we try [action] 1 2 3 4",
+     "[finiſh]", "[İnvalid]", "[ſearch] test"],  # IGNORECASE alone would fold these non-ASCII letters into a tag
 )
 def test_parse_missing_call(text: str) -> None:
     result = parse_tool_call(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,16 @@ def test_load_userrl_functions(tmp_path: Path) -> None:
         load_userrl_functions(tmp_path / "functions.json", ids=["nope"])
 
 
+def test_answers_python_would_warn_about_are_invalid_silently() -> None:
+    gym = FunctionGym()
+    gym.reset(generate_tasks(1, 1, seed=3)[0], seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = gym.step("[answer] 31and")  # Python's parser warns: invalid decimal literal
+    assert [w.message for w in caught] == []
+    assert result.info["choice"] == "answer" and result.reward == 0.0 and "Invalid answer" in result.feedback
+
+
 def test_loaded_task_is_checked_against_f_not_the_files_rounded_value(tmp_path: Path) -> None:
     """BAO.md checks an answer against f(test case): a file value within the loader's relative 1e-6 of f but
     beyond the gym's absolute tolerance must not turn the exact answer into a wrong one."""
@@ -317,6 +328,7 @@ def test_loaded_task_is_checked_against_f_not_the_files_rounded_value(tmp_path: 
     ("patch", "match"),
     [
         ({"rule": "__import__('os')"}, "row 3.*bad rule"),
+        ({"rule": ["a + b + c + d"]}, "row 3.*bad rule.*must be a str"),
         ({"test_case": [1, 2, 3]}, "row 3.*test_case"),
         ({"test_case": [1, 2, 3, True]}, "row 3.*test_case"),
         ({"expected_result": "n/a"}, "row 3.*expected_result"),

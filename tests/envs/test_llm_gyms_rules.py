@@ -243,6 +243,11 @@ def test_tasks_from_json(tmp_path):
         IntentionTask("a", "Help", ())
     with pytest.raises(ValueError, match="entity"):
         TelepathyTask("a", " ", "x")
+    path.write_text(json.dumps([{"id": 1, "entity": "honeybee", "category": "animal", "aliases": "bee"}]))
+    with pytest.raises(ValueError, match="row 0: 'aliases' must be a list of names, got 'bee'"):
+        telepathy_tasks(path=str(path))  # its letters would each be an exact-match guess
+    with pytest.raises(ValueError, match="aliases"):
+        TelepathyTask("a", "honeybee", "animal", ("bee", ""))
 
 
 def test_registry_gyms(openai_stub):

@@ -87,6 +87,7 @@ def test_explanations_earn_the_increase_of_the_best_weighted_score(openai_stub):
         ('{"scores": [true, 0]}', None),
         ('{"scores": [1, 0, 1]}', None),  # one per key point
         ('{"scores": [1e999999, 0]}', None),
+        ('{"scores": [' + "9" * 400 + ', 0]}', None),  # an int beyond float's range: unreadable, not a crash
         ("[" * 5000 + '{"scores": [1, 1]}', [1.0, 1.0]),
         ("no json", None),
     ],
