@@ -484,10 +484,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 RESUME_SAFE_KEYS = (
     "run_dir", "train.steps", "train.eval_every", "train.entropy_every", "checkpoint.", "logging.", "eval.",
     "rollout.env_workers", "rollout.gpu_memory_utilization", "rollout.cpu_kv_cache_gib", "rollout.enforce_eager",
-    "rollout.sleep_level", "rollout.weight_sync_bucket_mb", "sft.teacher_workers",
+    "rollout.sleep_level", "rollout.weight_sync_bucket_mb", "sft.teacher_workers", "sft.teacher_base_url",
+    "env.user_base_url",
 )  # fmt: skip
 """Dotted keys (or prefixes ending in ``.``) a resumed run may change: length, logging, evaluation, checkpoint
-cadence and resources. Any other key defines what the run trains."""
+cadence, resources and where the teacher / user-simulator models are served (their names stay). Any other key
+defines what the run trains."""
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -125,6 +125,21 @@ def data_source(cfg: Config) -> dict[str, Any]:
     return {"seed": cfg.seed, "num_trajectories": s.num_trajectories, "env": dict(vars(cfg.env)), **teacher}
 
 
+_SERVER_ADDRESSES = ("teacher_base_url", "user_base_url")
+"""Keys of :func:`data_source` that say where a model is served, not which: a server restarted on another
+port must neither replay the teacher nor refuse the recorded episodes."""
+
+
+def _same_source(recorded: Any, source: dict[str, Any]) -> bool:
+    """Whether a data file's recorded source is ``source``, server addresses aside."""
+    def comparable(tree: Any) -> Any:
+        if isinstance(tree, dict):
+            return {k: comparable(v) for k, v in tree.items() if k not in _SERVER_ADDRESSES}
+        return tree
+
+    return comparable(recorded) == comparable(json.loads(json.dumps(source)))
+
+
 def data_digest(episodes: list[Messages]) -> str:
     """A short fingerprint of the episodes (SFT checkpoints record it; resuming on other data is refused)."""
     return hashlib.blake2b(json.dumps(episodes, sort_keys=True).encode(), digest_size=16).hexdigest()
@@ -135,7 +150,7 @@ def _read_data(path: Path, source: dict[str, Any]) -> list[Messages] | None:
     if not path.is_file():
         return None
     lines = path.read_text().splitlines()
-    if not lines or json.loads(lines[0]).get("source") != json.loads(json.dumps(source)):
+    if not lines or not _same_source(json.loads(lines[0]).get("source"), source):
         return None
     return [json.loads(line)["messages"] for line in lines[1:]]
 

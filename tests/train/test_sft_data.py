@@ -136,6 +136,12 @@ def test_data_file_is_reused_only_for_the_same_settings(monkeypatch: pytest.Monk
     assert len(sft_episodes(load_config(DEMO_CONFIG, [*base[:1], "sft.num_trajectories=4"]))) == 4
     assert teacher.plays > 3 * plays and len((tmp_path / SFT_DATA_FILE).read_text().splitlines()) == 5
     assert not list(tmp_path.glob("*.tmp"))
+    # a teacher or user server restarted elsewhere serves the same models: the episodes stay, nothing replays
+    served = [*base[:1], "sft.num_trajectories=4", "env.user_model=m"]
+    here = sft_episodes(load_config(DEMO_CONFIG, [*served, "env.user_base_url=http://h:7"]))
+    plays = teacher.plays
+    moved = load_config(DEMO_CONFIG, [*served, "sft.teacher_base_url=http://h:9", "env.user_base_url=http://h:8"])
+    assert sft_episodes(moved) == here and teacher.plays == plays
 
 
 @pytest.mark.parametrize("style", ["full", "concise"])
