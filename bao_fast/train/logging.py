@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bao_fast.config import LoggingConfig
 
@@ -65,9 +68,16 @@ def _wandb_run_id(path: Path, fresh: bool) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    """Floats that JSON cannot hold (nan, inf) become strings so every line stays valid JSON."""
+    """``value`` as strict JSON holds it, at any depth: NumPy scalars become Python numbers, floats JSON cannot
+    hold (nan, inf) become strings, so every line stays valid JSON."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
     return value
 
 
@@ -93,7 +103,9 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole: a failed write keeps the history
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
         self._file = self.path.open("a", encoding="utf-8")
         if cfg.tensorboard:
             try:
@@ -130,10 +142,13 @@ class MetricsLogger:
         """Append ``{"step": step, "time": ..., **metrics}`` and advance the bar to ``step``."""
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        if self._file is None:
+            raise RuntimeError(f"MetricsLogger.log after close ({self.path})")
+        record = {"step": step, "time": round(time.time(), 3), **_jsonable(metrics)}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()}
+        scalars = {k: v for k, v in plain.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
@@ -155,6 +170,17 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics file, in order."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics file, in order. A last line without its newline that does not parse is a write
+    the run did not finish (killed, disk full) and is left out; any other bad line raises."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+    return records

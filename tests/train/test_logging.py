@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bao_fast.config import LoggingConfig
@@ -38,6 +40,39 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path: Path) -> None:
     resumed.log(3, {"loss": 30.0})
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "train.jsonl")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_nested_nonfinite_and_numpy_values_stay_strict_json(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, LoggingConfig(progress=False), name="train", total=1)
+    logger.log(1, {"pass_at_u": {"1": float("nan"), "2": [1.0, float("-inf")]}, "loss": np.float32(0.25),
+                   "count": np.int64(3)})
+    logger.close()
+    line = (tmp_path / "train.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert record["pass_at_u"] == {"1": "nan", "2": [1.0, "-inf"]}
+    assert (record["loss"], record["count"]) == (0.25, 3)
+    with pytest.raises(RuntimeError, match=r"MetricsLogger\.log after close"):
+        logger.log(2, {"loss": 1.0})
+
+
+def test_a_torn_last_line_is_left_out_and_resume_rewrites_whole(tmp_path: Path, monkeypatch) -> None:
+    """A run killed mid-write leaves a last line without its newline: reading skips it (a bad line elsewhere
+    still raises); the resume rewrite goes through a temporary file, so a failed write keeps the history."""
+    cfg = LoggingConfig(progress=False)
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        MetricsLogger(tmp_path, cfg, name="train", total=5, resume_step=1)
+    assert path.read_text().startswith('{"step": 1, "loss": 1.0}\n{"step": 2')  # untouched
+    monkeypatch.setattr(os, "replace", real_replace)
+    MetricsLogger(tmp_path, cfg, name="train", total=5, resume_step=1).close()
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n'
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_jsonl(path)
 
 
 def test_disabled_logger_writes_nothing(tmp_path: Path) -> None:
