@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,8 +96,10 @@ def point_from_summary(summary: Mapping[str, Any], label: str, source: str = "")
             raise UsageError(f"{source or 'summary'}: missing key '{key}' (is this an evaluation summary?)")
     pass_at_u = summary.get("pass_at_u", {})
     if isinstance(pass_at_u, Mapping):  # {"1": p1, "2": p2, ...} once through JSON
-        if not all(str(k).isdigit() for k in pass_at_u):
-            raise UsageError(f"{source or 'summary'}: 'pass_at_u' keys must be k = 1, 2, ..., got {list(pass_at_u)}")
+        ks = sorted(int(k) for k in pass_at_u if re.fullmatch(r"[1-9][0-9]{0,5}", str(k)))
+        if len(ks) != len(pass_at_u) or ks != list(range(1, len(ks) + 1)):  # the curve's position is its k
+            raise UsageError(f"{source or 'summary'}: 'pass_at_u' keys must be k = 1, 2, ..., K without gaps, "
+                             f"got {list(pass_at_u)}")
         curve = tuple(_number(pass_at_u[k], f"pass_at_u.{k}", source) for k in sorted(pass_at_u, key=int))
     elif isinstance(pass_at_u, Sequence) and not isinstance(pass_at_u, str):
         curve = tuple(_number(v, "pass_at_u", source) for v in pass_at_u)
@@ -168,15 +171,19 @@ def load_point(spec: str) -> ParetoPoint:
     return point_from_summary(summary, label or _default_label(summary, path, Path(raw)), source=str(path))
 
 
+def check_unique_labels(labels: Sequence[str]) -> None:
+    """UsageError naming the labels that more than one point has (each names a point in the plots and tables)."""
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise UsageError(f"points: duplicate labels {dup}; name them with NAME=PATH")
+
+
 def write_outputs(points: Sequence[ParetoPoint], out_dir: str | Path) -> dict[str, Path]:
     """Compute the front and write ``pareto.{png,svg}``, ``pass_at_u.{png,svg}`` (when curves exist),
     ``pareto.md`` and ``pareto.json`` into ``out_dir``; returns the written paths by name."""
     if not points:
         raise ValueError("points: no runs or summaries given")
-    labels = [p.label for p in points]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise UsageError(f"points: duplicate labels {dup}; name them with NAME=PATH")
+    check_unique_labels([p.label for p in points])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front(points)
@@ -222,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             print(" ".join(r.command))
         return 0
     points = [load_point(spec) for spec in args.inputs]
+    check_unique_labels([p.label for p in points] + [r.label for r in runs])  # before any sweep run trains
     for r, run_dir in sweep.execute(runs):
         summary, path = load_summary(run_dir)
         points.append(point_from_summary(summary, r.label, source=str(path)))

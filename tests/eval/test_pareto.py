@@ -93,9 +93,9 @@ def _summary(score: float, ur: float, k: int = 9) -> dict:
 
 def test_point_from_summary_reads_curve_in_k_order_and_cis() -> None:
     s = _summary(0.6, 0.3)
-    s["pass_at_u"] = {"10": 0.6, "2": 0.2, "1": 0.1}  # keys out of order, numeric not lexical
+    s["pass_at_u"] = {str(k): k / 100 for k in (10, 2, 1, 3, 4, 5, 6, 7, 8, 9)}  # numeric order, not lexical
     p = point_from_summary(s, "run")
-    assert p.pass_at_u == (0.1, 0.2, 0.6)
+    assert p.pass_at_u == tuple(k / 100 for k in range(1, 11))
     assert p.score_ci == pytest.approx((0.5, 0.7)) and p.ur_ci == pytest.approx((0.25, 0.35))
     with pytest.raises(ValueError, match="'ur'"):
         point_from_summary({"score": 0.1}, "run")
@@ -133,6 +133,9 @@ def test_load_point_from_file_dir_and_run_dir(tmp_path: Path) -> None:
         ('{"score": null, "ur": 0.1}', "'score' must be a finite number, got None"),
         ('{"score": NaN, "ur": 0.1}', "'score' must be a finite number, got nan"),
         ('{"score": 0.5, "ur": 0.1, "pass_at_u": {"a": 1}}', "'pass_at_u' keys must be k = 1, 2, ..."),
+        ('{"score": 0.5, "ur": 0.1, "pass_at_u": {"1": 0.1, "3": 0.4}}', "K without gaps, got ['1', '3']"),
+        ('{"score": 0.5, "ur": 0.1, "pass_at_u": {"0": 0.1, "1": 0.4}}', "K without gaps"),
+        ('{"score": 0.5, "ur": 0.1, "pass_at_u": {"1": 0.1, "\u00b2": 0.4}}', "K without gaps"),
         ('{"score": 0.5, "ur": 0.1, "pass_at_u": 3}', "'pass_at_u' must map k to Pass@U-k"),
         ('{"score": 0.5, "ur": 0.1, "score_ci": ["a", 1]}', "'score_ci' must be a finite number"),
         ('{"score": 0.5, "ur": 0.1, "turns": "many"}', "'turns' must be a finite number"),
@@ -176,6 +179,17 @@ def test_write_outputs_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 # -------------------------------------------------------------------------------------------------- sweep
+
+
+def test_sweep_label_clash_is_refused_before_any_run_trains(tmp_path: Path, monkeypatch) -> None:
+    """An input labelled like a sweep run (an older sweep's summary) must fail now, not after hours of training."""
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  tiny: true\ntrain:\n  steps: 2\n")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({**_summary(0.4, 0.2), "label": "name=bao"}))
+    monkeypatch.setattr(sweep, "execute", lambda runs: pytest.fail("a sweep run started"))
+    with pytest.raises(UsageError, match=re.escape("duplicate labels ['name=bao']")):
+        _cli([str(tmp_path / "old"), "--sweep", str(base), "--grid", "algo.name=bao,grpo", "--out", str(tmp_path)])
 
 
 def test_sweep_plan_is_the_grid_product_with_validated_configs(tmp_path: Path) -> None:
