@@ -196,17 +196,26 @@ def _rows_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _shape_fields(row: Mapping[str, Any]) -> list[str]:
-    return [
-        k
-        for k, v in row.items()
-        if k not in NOT_SHAPE_KEYS and isinstance(v, int | str) and not isinstance(v, bool) and not _is_derived(k)
-    ]
+    """A row's fields that can describe its case: int, str and bool (a flag such as ``causal``) values."""
+    return [k for k, v in row.items() if k not in NOT_SHAPE_KEYS and isinstance(v, int | str) and not _is_derived(k)]
+
+
+def _split_at_repeats(group: list[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """``group`` cut before every row whose implementation it already holds: rows its fields cannot tell
+    apart (a float parameter) are cases in the order they were written, never two rows of one table."""
+    parts: list[list[Mapping[str, Any]]] = [[]]
+    for r in group:
+        if any(_impl(q) == _impl(r) for q in parts[-1]):
+            parts.append([])
+        parts[-1].append(r)
+    return parts
 
 
 def split_cases(rows: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
-    """Group rows into shapes: by the fewest of their int/str fields that still leave one row per
+    """Group rows into shapes: by the fewest of their int/str/bool fields that still leave one row per
     implementation in each group (fields are dropped last-first, so outcomes such as a token count are
-    dropped before the shape that comes first in a row). Groups keep the order of first appearance."""
+    dropped before the shape that comes first in a row). Groups keep the order of first appearance; rows
+    those fields cannot tell apart are split in written order (:func:`_split_at_repeats`)."""
     fields = list(dict.fromkeys(k for r in rows for k in _shape_fields(r)))
 
     def unique(keys: list[str]) -> bool:
@@ -220,7 +229,7 @@ def split_cases(rows: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    return list(groups.values())
+    return [part for group in groups.values() for part in _split_at_repeats(group)]
 
 
 def case_table(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:

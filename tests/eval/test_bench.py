@@ -11,7 +11,7 @@ import pytest
 from bao_fast import cli
 from bao_fast.eval import bench
 from bao_fast.eval.bench import discover, load_results, run_script
-from bao_fast.eval.report import benchmark_report, case_table
+from bao_fast.eval.report import benchmark_report, case_table, split_cases
 
 
 def _cli(argv: list[str]) -> int:
@@ -145,6 +145,22 @@ def test_case_table_keeps_row_order_and_header() -> None:
     lines = table.splitlines()
     assert lines[0] == "| impl | median ms | × a | × b | peak MiB | GB_per_s |"
     assert lines[2] == "| a | 2 | 1 | 0.50 | – | – |" and lines[3] == "| b | 1 | 2.00 | 1 | – | 3.25 |"
+
+
+def test_cases_differing_by_a_flag_or_a_float_are_separate_tables() -> None:
+    """Ratios compare rows of one case only: a bool parameter is a shape field, and rows that only a float
+    parameter tells apart split where an implementation repeats."""
+    times = {("eager", True): 10.0, ("eager", False): 8.0, ("fused", True): 5.0, ("fused", False): 4.0}
+    rows = [{"impl": impl, "n": 8, "causal": causal, "median_ms": ms} for (impl, causal), ms in times.items()]
+    cases = split_cases(rows)
+    assert [[(r["impl"], r["causal"]) for r in case] for case in cases] == [
+        [("eager", True), ("fused", True)], [("eager", False), ("fused", False)]
+    ]
+    heading, table = case_table(cases[0])
+    assert heading == "n=8, causal=True" and "| eager | 10 | 1 | 0.50 |" in table
+    by_float = [{"impl": i, "sparsity": sp, "median_ms": ms}
+                for sp, (e, f) in ((0.5, (10.0, 5.0)), (0.9, (8.0, 2.0))) for i, ms in (("eager", e), ("fused", f))]
+    assert [[r["median_ms"] for r in case] for case in split_cases(by_float)] == [[10.0, 5.0], [8.0, 2.0]]
 
 
 def test_bad_results_are_rejected(tmp_path: Path) -> None:
