@@ -101,7 +101,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1.0 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exactly the bound, not a rounding below it
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return lo, hi
 
 
 def _bootstrap(values: np.ndarray, seed: int) -> tuple[float, float]:
@@ -114,10 +116,12 @@ def _bootstrap(values: np.ndarray, seed: int) -> tuple[float, float]:
 
 
 def mean_interval(values: np.ndarray, seed: int) -> tuple[float, float]:
-    """95% interval of the mean of ``values`` float64[n]: Wilson when every value is 0 or 1, else the
-    percentile bootstrap seeded with ``seed``."""
-    if np.isin(values, (0.0, 1.0)).all():
-        return wilson_interval(int(values.sum()), len(values))
+    """95% interval of the mean of ``values`` float64[n]: Wilson when every value is 0 or 1 (to 1e-9: rewards
+    summed in floating point, such as 1/3 + 1/3 + 1/3, are still solved episodes), else the percentile
+    bootstrap seeded with ``seed``."""
+    binary = np.rint(values)
+    if (np.isin(binary, (0.0, 1.0)) & np.isclose(values, binary, rtol=0.0, atol=1e-9)).all():
+        return wilson_interval(int(binary.sum()), len(values))
     return _bootstrap(values, seed)
 
 

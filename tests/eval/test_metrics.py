@@ -145,6 +145,12 @@ def test_intervals_known_values() -> None:
     assert mean_interval(np.zeros(10), seed=0) == wilson_interval(0, 10)
     assert mean_interval(np.array([0.0, 1.0, 1.0]), seed=0) == wilson_interval(2, 3)
     assert mean_interval(np.full(4, 15.0), seed=0) == (15.0, 15.0)  # no spread to resample
+    # rewards summed in floating point (Intention: 2/6 + 3/6 + 1/6) are still solved episodes
+    solved = 2 / 6 + 3 / 6 + 1 / 6
+    assert solved != 1.0
+    assert mean_interval(np.array([solved, 1.0, 0.0]), seed=0) == wilson_interval(2, 3)
+    assert wilson_interval(7, 7)[1] == 1.0 and wilson_interval(0, 7)[0] == 0.0  # exact at the bounds
+    assert mean_interval(np.array([solved, 1e-6]), seed=0) != wilson_interval(1, 2)  # 1e-6 is no rounding
 
 
 def test_mean_intervals_stay_in_the_feasible_range() -> None:
