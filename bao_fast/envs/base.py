@@ -110,7 +110,7 @@ def _drop_think_blocks(text: str) -> str:
     """``text`` without its closed ``<think>…</think>`` blocks (each to the next ``</think>``), in one pass: a
     regex would rescan the rest of the text from every unclosed ``<think>`` (quadratic in a degenerate turn)."""
     parts, pos = [], 0
-    while (start := text.find("<think>", pos)) >= 0 and (end := text.find("</think>", start + 7)) >= 0:
+    while (start := text.find("<think>", pos)) >= 0 and (end := text.find("</think>", start + len("<think>"))) >= 0:
         parts.append(text[pos:start])
         pos = end + len("</think>")
     parts.append(text[pos:])
