@@ -291,8 +291,9 @@ def policy_update(
 ) -> dict[str, float]:
     """PPO epochs × mini-batches ``cuts`` of prompts (one optimiser step each, skipped when its loss or gradient
     norm is not finite: a loss-scale overflow (``s.loss_scale``) halves the scale, otherwise ``state.guard``
-    counts the steps that skipped one); returns the loss statistics averaged over trained tokens (or
-    sequences), the mean grad norm, the lr, the skipped updates (and overflows and the scale, when scaling).
+    counts the steps that skipped one); returns the loss averaged over the updates, the statistics (clip
+    fractions, KLs, entropy) over the step's trained tokens (each update's weighted by its mini-batch's), the
+    mean grad norm, the lr, the skipped updates (and overflows and the scale, when scaling).
     With ``rollout.old_logprobs=recompute`` the first mini-batch's rows of ``old_logp`` are filled by its
     first update (on the old weights) and reused by later epochs."""
     cfg = s.cfg
@@ -300,7 +301,8 @@ def policy_update(
     recompute = cfg.rollout.old_logprobs == "recompute"
     logged = cfg.train.entropy_every > 0 and state.step % cfg.train.entropy_every == 0
     with_entropy = logged or cfg.algo.loss.entropy_coef != 0  # the bonus needs it on every step
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = {}  # the loss summed over updates; token-weighted sums of the statistics
+    updates, weight = num_minibatches * cfg.train.ppo_epochs, 0.0
     grad_norms, skipped, overflows, lr = [], 0, 0, s.scheduler.get_last_lr()[0]
     nonfinite: dict[str, float] = {}  # the first skipped update's values
     for epoch in range(cfg.train.ppo_epochs):
@@ -308,6 +310,7 @@ def policy_update(
             on_policy = recompute and epoch == 0 and start == 0
             stats = accumulate_gradients(s, batch, start, stop, old_logp, advantages, ref_logp, with_entropy,
                                          fill_old_logp=on_policy)
+            tokens = stats.pop("tokens")
             s.loss_scale.unscale_(s.policy)
             grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
             if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
@@ -322,10 +325,11 @@ def policy_update(
                 grad_norms.append(grad_norm)
             advance_schedule(s.scheduler)
             s.optimizer.zero_grad(set_to_none=True)
+            weight += tokens
             for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value / (num_minibatches * cfg.train.ppo_epochs)
+                totals[key] = totals.get(key, 0.0) + (value / updates if key == "loss" else value * tokens)
     state.guard.check(state.step, **nonfinite)  # train.max_nonfinite_steps counts RL steps, not updates
-    out = {f"actor/{k}": v for k, v in totals.items()}
+    out = {f"actor/{k}": v if k == "loss" else v / weight for k, v in totals.items()}
     out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
     out["actor/lr"] = lr  # of the step's first update
     out["actor/skipped_updates"] = skipped
@@ -353,7 +357,7 @@ def accumulate_gradients(
     takes each micro-batch's share of the count, a sum (seq-mean-token-sum-norm) takes it whole. The entropy
     bonus and the statistics (token means) take the token share. ``fill_old_logp`` (the weights are still the
     rollout's): each micro-batch's detached log-probs are written into ``old_logp`` first. Returns the global
-    loss statistics of the mini-batch."""
+    loss statistics of the mini-batch and, as ``tokens``, its global count of trained tokens (at least 1)."""
     cfg, loss_cfg = s.cfg, s.cfg.algo.loss
 
     def counts(part: PackedBatch) -> list[float]:
@@ -398,7 +402,7 @@ def accumulate_gradients(
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().double() * token_share
     keys = sorted(sums)
-    return dict(zip(keys, sum_over_ranks(torch.stack([sums[k] for k in keys]).tolist())))
+    return {**dict(zip(keys, sum_over_ranks(torch.stack([sums[k] for k in keys]).tolist()))), "tokens": global_tokens}
 
 
 def _global_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ given those values), over several mini-batches and PPO epochs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,6 +137,24 @@ def test_micro_batching_does_not_change_the_gradient(model_dir, agg):
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
     for a, b in zip(whole_grads, split_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_step_statistics_are_token_means_whatever_the_mini_batches(model_dir, batch):
+    """With the weights held (lr 1e-30) the step's clip fraction, KL and entropy are token means over the whole
+    batch: one mini-batch or two of different token counts log the same values."""
+    gen = torch.Generator().manual_seed(8)
+    old_logp = forward_logprobs(Policy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)),
+                                batch, TEMPERATURE, 48) + 0.3 * torch.randn(batch.num_tokens, generator=gen)
+    held = ("optim.lr=1e-30", "algo.loss.kl_coef=0")  # no float32 weight moves by 1e-30
+    _, _, one, _ = run_update(model_dir, batch, "engine", PROMPTS, 1, old_logp=old_logp.clone(), overrides=held)
+    _, _, two, _ = run_update(model_dir, batch, "engine", PROMPTS // 2, 1, old_logp=old_logp.clone(), overrides=held)
+    halves = minibatch_cuts(load_config(None, ["model.tiny=true", f"rollout.group_size={GROUP}",
+                                               f"rollout.prompts_per_step={PROMPTS}",
+                                               f"train.mini_batch_size={PROMPTS // 2}"]), batch)
+    sizes = [int(batch.select(a, b).target_rows.numel()) for a, b in itertools.pairwise(halves)]
+    assert sizes[0] != sizes[1] and 0 < one["actor/clipfrac"] < 1
+    for key in ("actor/clipfrac", "actor/clipfrac_lower", "actor/approx_kl", "actor/entropy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
 
 
 def test_entropy_bonus_applies_on_steps_that_do_not_log_entropy(model_dir, batch):
