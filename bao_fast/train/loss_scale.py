@@ -75,8 +75,11 @@ class LossScale:
         return True
 
     def absorb_overflow(self, loss: float, grad_norm: float) -> bool:
-        """The trainers' rule for a skipped update: True (and the scale backed off) when a finite ``loss`` has a
-        non-finite ``grad_norm`` that the scale caused (see ``back_off``); False otherwise."""
+        """The trainers' rule after an update's backward: True (and the scale backed off) when a finite ``loss``
+        has a non-finite ``grad_norm`` that the scale caused (see ``back_off``); False otherwise. Any
+        non-finite value ends the run of finite updates that ``grow`` counts."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.good_updates = 0
         return math.isfinite(loss) and not math.isfinite(grad_norm) and self.back_off()
 
     def state_dict(self) -> dict[str, float]:

@@ -110,6 +110,18 @@ def test_grows_after_a_run_of_finite_updates_up_to_its_ceiling() -> None:
     assert scale.scale == 8.0
 
 
+def test_a_skipped_non_finite_update_breaks_the_run_of_finite_ones() -> None:
+    """"In a row": finite, NaN-loss skip (not an overflow), finite must not double the scale at interval 2."""
+    scale = LossScale(enabled=True, init_scale=1024.0, growth_interval=2)
+    scale.grow()
+    assert not scale.absorb_overflow(float("nan"), float("nan")) and scale.good_updates == 0
+    scale.grow()
+    assert scale.scale == 1024.0 and scale.good_updates == 1
+    assert not scale.absorb_overflow(0.5, 3.0) and scale.good_updates == 1  # a finite update keeps the run
+    scale.grow()
+    assert scale.scale == 2048.0
+
+
 def test_state_round_trips() -> None:
     scale = LossScale(enabled=True, growth_interval=5)
     scale.back_off()
