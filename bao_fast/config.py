@@ -481,15 +481,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+SERVER_ADDRESS_KEYS = ("sft.teacher_base_url", "env.user_base_url")
+"""Where the teacher / user-simulator models are served, not which models they are (their names stay)."""
+
 RESUME_SAFE_KEYS = (
     "run_dir", "train.steps", "train.eval_every", "train.entropy_every", "checkpoint.", "logging.", "eval.",
     "rollout.env_workers", "rollout.gpu_memory_utilization", "rollout.cpu_kv_cache_gib", "rollout.enforce_eager",
-    "rollout.sleep_level", "rollout.weight_sync_bucket_mb", "sft.teacher_workers", "sft.teacher_base_url",
-    "env.user_base_url",
+    "rollout.sleep_level", "rollout.weight_sync_bucket_mb", "sft.teacher_workers", *SERVER_ADDRESS_KEYS,
 )  # fmt: skip
 """Dotted keys (or prefixes ending in ``.``) a resumed run may change: length, logging, evaluation, checkpoint
-cadence, resources and where the teacher / user-simulator models are served (their names stay). Any other key
-defines what the run trains."""
+cadence, resources and :data:`SERVER_ADDRESS_KEYS`. Any other key defines what the run trains."""
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

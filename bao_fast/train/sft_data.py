@@ -26,7 +26,7 @@ from typing import Any
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from bao_fast.config import Config, ConfigError
+from bao_fast.config import SERVER_ADDRESS_KEYS, Config, ConfigError
 from bao_fast.envs import SCRIPTED_TEACHERS, needs_user_simulator
 from bao_fast.envs.teachers.episode import TeacherEpisode
 from bao_fast.envs.teachers.llm_teacher import LLMTeacher
@@ -125,9 +125,9 @@ def data_source(cfg: Config) -> dict[str, Any]:
     return {"seed": cfg.seed, "num_trajectories": s.num_trajectories, "env": dict(vars(cfg.env)), **teacher}
 
 
-_SERVER_ADDRESSES = ("teacher_base_url", "user_base_url")
-"""Keys of :func:`data_source` that say where a model is served, not which: a server restarted on another
-port must neither replay the teacher nor refuse the recorded episodes."""
+_SERVER_ADDRESSES = {key.rsplit(".", 1)[1] for key in SERVER_ADDRESS_KEYS}
+"""Their names in :func:`data_source`: a server restarted on another port must neither replay the teacher nor
+refuse the recorded episodes."""
 
 
 def _same_source(recorded: Any, source: dict[str, Any]) -> bool:
