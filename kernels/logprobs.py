@@ -5,9 +5,12 @@ Per row ``r`` of ``hidden`` (optionally only rows listed in ``rows``) the logits
 (positive) entropy ``lse(z) - sum(softmax(z) * z)`` without ever holding more than one tile of logits.
 
 Forward (``logprobs_forward``)
-    ``_fwd_kernel``: grid (vocab splits, row tiles). Each program streams its vocab split tile by tile,
-    computes the logit tile with ``tl.dot`` over H and keeps an online (max, sum-exp, sum p*z, target logit)
-    per row. ``_combine_kernel`` merges the splits into lse, logp and entropy and scatters them to rows.
+    ``_fwd_kernel``: one program per (row tile, vocab split), the splits of a row tile adjacent. Each program
+    streams its vocab split tile by tile, computes the logit tile with ``tl.dot`` over H and keeps an online
+    (max, sum-exp, sum p*z, target logit) per row. ``_combine_kernel`` merges the splits into lse, logp and
+    entropy and scatters them to rows. Everything runs in log2 units (``z2 = z * log2(e)``, exp2 / log2), and
+    the lse handed to the backward stays in those units, so the backward's recomputed ``z2 - lse2`` rounds
+    like the forward's (a confident row's ``1 - p`` keeps its precision).
 Backward (``logprobs_backward``), one vocab chunk ``[v0, v1)`` at a time, in a fixed order:
     ``_dlogits_kernel`` recomputes the logit tiles and writes the chunk's logit gradients ``[K, v1-v0]``
     (input dtype, bounded by ``chunk_bytes``); ``_dw_kernel`` reduces them over all rows into
@@ -18,7 +21,9 @@ Backward (``logprobs_backward``), one vocab chunk ``[v0, v1)`` at a time, in a f
 
 Gradient of the logits of one row with upstream grads ``g`` (of logp) and ``e`` (of entropy):
 ``dz = g * (onehot(target) - p) + e * p * (lse - entropy - z)`` and ``d(hidden @ weight.T + bias) = dz / T``.
-Rows whose target equals ``ignore_index`` get logp 0, entropy 0 and no gradient.
+Rows whose target equals ``ignore_index`` get logp 0, entropy 0 and no gradient. Logits of ``-inf`` (a
+masked vocabulary entry, e.g. a ``-inf`` bias) have p = 0 and add nothing, even when a whole tile or split is
+``-inf``; a row whose logits are all ``-inf`` is NaN, as in the reference.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ def _fwd_kernel(
     V,
     H,
     split_cols,
+    num_splits,
     stride_hn,
     stride_hh,
     stride_wv,
@@ -136,9 +142,11 @@ def _fwd_kernel(
     Writes ``part[0..3, pid_s, k]``, all in log2 units (``z2 = z * log2(e)``): (max of z2, sum of
     2^(z2 - max), sum of 2^(z2 - max) * z2, target z2 or 0).
     """
-    pid_s = tl.program_id(0)  # splits of one row tile run side by side: they share its hidden rows in L2
-    pid_m = tl.program_id(1)
-    num_splits = tl.num_programs(0)
+    # A 1-D grid (a 2-D one caps row tiles at 65535); the splits of one row tile run side by side, so they
+    # share its hidden rows in L2.
+    pid = tl.program_id(0)
+    pid_s = pid % num_splits
+    pid_m = pid // num_splits
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < K
     row_idx = _row_index(rows_ptr, offs_m, mask_m, HAS_ROWS)
@@ -161,11 +169,12 @@ def _fwd_kernel(
         )  # fmt: skip
         z2 += tl.where(mask_n, 0.0, -1.0e30)[None, :]  # finite: p * z2 stays 0 on padded columns
         m_new = tl.maximum(m_i, tl.max(z2, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z2 - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - -inf) would be NaN
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(z2 - m_ref[:, None])
         s_i = s_i * alpha + tl.sum(p, axis=1)
         if WITH_ENTROPY:
-            t_i = t_i * alpha + tl.sum(p * z2, axis=1)
+            t_i = t_i * alpha + tl.sum(tl.where(p > 0.0, p * z2, 0.0), axis=1)  # 0 * -inf adds 0
         z_tgt += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z2, 0.0), axis=1)
         m_i = m_new
     stride_q = num_splits * K
@@ -191,7 +200,8 @@ def _combine_kernel(
     WITH_ENTROPY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Merge the split statistics: ``lse[k]``, ``logp[row]``, ``entropy[row]`` (0 on ignored rows)."""
+    """Merge the split statistics: ``lse[k]`` (log2 units), ``logp[row]``, ``entropy[row]`` (0 on ignored
+    rows)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     stride_q = num_splits * K
@@ -201,20 +211,21 @@ def _combine_kernel(
     s_tot = tl.zeros((BLOCK,), dtype=tl.float32)
     t_tot = tl.zeros((BLOCK,), dtype=tl.float32)
     z_tgt = tl.zeros((BLOCK,), dtype=tl.float32)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)  # a row of -inf logits: NaN below, not here
     for s in range(0, num_splits):
         ptr = part_ptr + s * K + offs
-        scale = tl.exp2(tl.load(ptr, mask=mask, other=0.0) - m)
+        scale = tl.exp2(tl.load(ptr, mask=mask, other=0.0) - m_ref)
         s_tot += tl.load(ptr + stride_q, mask=mask, other=1.0) * scale
         if WITH_ENTROPY:
             t_tot += tl.load(ptr + 2 * stride_q, mask=mask, other=0.0) * scale
         z_tgt += tl.load(ptr + 3 * stride_q, mask=mask, other=0.0)
-    lse = (m + tl.log2(s_tot)) * _LN2
+    lse2 = m + tl.log2(s_tot)
     row_idx = _row_index(rows_ptr, offs, mask, HAS_ROWS)
     valid = tl.load(tgt_ptr + row_idx, mask=mask, other=ignore_index) != ignore_index
-    tl.store(lse_ptr + offs, lse, mask=mask)
-    tl.store(logp_ptr + row_idx, tl.where(valid, z_tgt * _LN2 - lse, 0.0), mask=mask)
+    tl.store(lse_ptr + offs, lse2, mask=mask)
+    tl.store(logp_ptr + row_idx, tl.where(valid, (z_tgt - lse2) * _LN2, 0.0), mask=mask)
     if WITH_ENTROPY:
-        tl.store(ent_ptr + row_idx, tl.where(valid, lse - t_tot / s_tot * _LN2, 0.0), mask=mask)
+        tl.store(ent_ptr + row_idx, tl.where(valid, (lse2 - t_tot / s_tot) * _LN2, 0.0), mask=mask)
 
 
 @triton.jit
@@ -260,20 +271,22 @@ def _dlogits_kernel(
     row_idx = _row_index(rows_ptr, offs_m, mask_m, HAS_ROWS)
     tgt = tl.load(tgt_ptr + row_idx, mask=mask_m, other=ignore_index)
     valid = mask_m & (tgt != ignore_index)
-    lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+    lse2 = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
     g = tl.where(valid, tl.load(glogp_ptr + row_idx, mask=mask_m, other=0.0), 0.0)
 
-    z = _logit_tile(
+    # Logits in log2 units, scaled exactly as in the forward.
+    z2 = _logit_tile(
         h_ptr, w_ptr, b_ptr, row_idx, offs_n, mask_j, H,
-        stride_hn, stride_hh, stride_wv, stride_wh, inv_temp,
+        stride_hn, stride_hh, stride_wv, stride_wh, inv_temp * _LOG2E,
         HAS_BIAS, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
     )  # fmt: skip
-    p = tl.exp2((z - lse[:, None]) * _LOG2E)
+    p = tl.exp2(z2 - lse2[:, None])
     dz = g[:, None] * (tl.where(offs_n[None, :] == tgt.to(tl.int32)[:, None], 1.0, 0.0) - p)
     if HAS_GENT:
         e = tl.where(valid, tl.load(gent_ptr + row_idx, mask=mask_m, other=0.0), 0.0)
-        mean_z = lse - tl.load(ent_ptr + row_idx, mask=mask_m, other=0.0)
-        dz += e[:, None] * p * (mean_z[:, None] - z)
+        ent = tl.load(ent_ptr + row_idx, mask=mask_m, other=0.0)
+        mean_z_minus_z = (lse2[:, None] - z2) * _LN2 - ent[:, None]  # E_p[z] - z, natural units
+        dz += e[:, None] * tl.where(p > 0.0, p * mean_z_minus_z, 0.0)  # a -inf logit adds 0, not 0 * inf
     dz = tl.where(valid[:, None] & mask_j[None, :], dz * inv_temp, 0.0)
     out = dl_ptr + offs_m.to(tl.int64)[:, None] * stride_dl + offs_j[None, :]
     tl.store(out, dz.to(dl_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_j[None, :])
@@ -304,7 +317,8 @@ def _dw_kernel(
     PRECISION: tl.constexpr,
 ):
     """``dweight[v_lo + j, h] = sum_k dl[k, j] * hidden[row_k, h]``; fp32 accumulator, rows in order."""
-    pid_v, pid_h = _grouped_tile(tl.cdiv(V_CHUNK, BLOCK_V), tl.cdiv(H, BLOCK_H), GROUP_M)
+    # H = 0 still runs one hidden tile: it writes dbias (logits = bias / T then).
+    pid_v, pid_h = _grouped_tile(tl.cdiv(V_CHUNK, BLOCK_V), tl.maximum(tl.cdiv(H, BLOCK_H), 1), GROUP_M)
     offs_j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_j = offs_j < V_CHUNK
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -434,8 +448,8 @@ def logprobs_forward(
 
     Args: hidden ``[N, H]``, weight ``[V, H]`` (same float dtype), bias ``[V]`` or None, targets int64 ``[N]``,
     rows int64 ``[K]`` (unique row indices) or None for all rows; ``num_splits`` overrides the vocab split.
-    Returns: logp f32 ``[N]``, entropy f32 ``[N]`` (``[0]`` without ``with_entropy``), lse f32 ``[K]``;
-    rows outside ``rows`` hold 0.
+    Returns: logp f32 ``[N]``, entropy f32 ``[N]`` (``[0]`` without ``with_entropy``), lse f32 ``[K]`` in log2
+    units (``logsumexp(z) * log2(e)``, what ``logprobs_backward`` takes); rows outside ``rows`` hold 0.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -455,9 +469,9 @@ def logprobs_forward(
         return logp, entropy, lse
     part = torch.empty(4, splits, k, device=hidden.device, dtype=torch.float32)
     rows_arg = rows if rows is not None else targets
-    _fwd_kernel[(splits, row_tiles)](
+    _fwd_kernel[(splits * row_tiles,)](
         hidden, weight, bias if bias is not None else weight, targets, rows_arg, part,
-        k, v, h, split_cols,
+        k, v, h, split_cols, splits,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature,
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, WITH_ENTROPY=with_entropy,
         EVEN_K=h % t.block_k == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
@@ -502,7 +516,7 @@ def logprobs_backward(
     dtype, fp32-accumulated over all rows) and dbias f32 ``[V]`` (None without bias).
 
     ``grad_logp`` / ``grad_entropy``: f32 ``[N]`` upstream grads (``grad_entropy`` None when entropy gets no
-    gradient; then ``entropy`` may be None). ``lse``: f32 ``[K]`` from the forward. ``need_dhidden`` /
+    gradient; then ``entropy`` may be None). ``lse``: f32 ``[K]`` from the forward (log2 units). ``need_dhidden`` /
     ``need_dweight`` (the latter also covers dbias): skip the other kernel and return None in its place.
     ``chunk_cols`` overrides the vocab chunk (a multiple of the tiles' vocab blocks).
     """
@@ -540,7 +554,7 @@ def logprobs_backward(
             **_launch(td),
         )  # fmt: skip
         if dw is not None:
-            _dw_kernel[(triton.cdiv(vc, tw.block_m) * triton.cdiv(h, tw.block_n),)](
+            _dw_kernel[(triton.cdiv(vc, tw.block_m) * max(1, triton.cdiv(h, tw.block_n)),)](
                 dl, hidden, rows_arg, dw, db if db is not None else lse,
                 k, v0, vc, h,
                 dl.stride(0), hidden.stride(0), hidden.stride(1), dw.stride(0), dw.stride(1),

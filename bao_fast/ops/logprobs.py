@@ -28,7 +28,8 @@ def _fwd_op(
     ignore_index: int,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp f32 [N], entropy f32 [N] or [0], lse f32 [K]); see ``token_logprobs``."""
+    """(logp f32 [N], entropy f32 [N] or [0], lse f32 [K]); see ``token_logprobs``. ``lse`` is the row
+    statistic the backward op takes, in its path's units: natural on the CPU, log2 (``lse * log2(e)``) on CUDA."""
     if hidden.is_cuda:
         from bao_fast.kernels.logprobs import logprobs_forward
 

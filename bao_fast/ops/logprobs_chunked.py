@@ -3,7 +3,8 @@
 Same semantics as the Triton kernels in ``bao_fast.kernels.logprobs``: the logits
 ``z = (hidden @ weight.T + bias) / temperature`` are built one ``[row_chunk, col_chunk]`` fp32 tile at a time
 with an online logsumexp over vocab tiles, so peak extra memory is a few tiles plus the fp32 dweight
-accumulator, never ``[N, V]``. Inputs are validated by the caller.
+accumulator, never ``[N, V]``. Logits of ``-inf`` (a masked vocabulary entry) have p = 0 and add nothing,
+even when a whole tile is ``-inf``. Inputs are validated by the caller.
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ def chunked_forward(
             v1 = min(v0 + col_chunk, v)
             z = _logits(h, weight, bias, v0, v1, inv_temp)
             m_new = torch.maximum(m, z.amax(dim=1))
-            alpha = torch.exp(m - m_new)
-            p = torch.exp(z - m_new[:, None])
+            m_ref = m_new.masked_fill(m_new == float("-inf"), 0.0)  # all -inf so far: exp(-inf - -inf) is NaN
+            alpha = torch.exp(m - m_ref)
+            p = torch.exp(z - m_ref[:, None])
             s = s * alpha + p.sum(dim=1)
-            if with_entropy:
-                t = t * alpha + torch.linalg.vecdot(p, z)
             in_tile = (tgt >= v0) & (tgt < v1)
             local = torch.where(in_tile, tgt - v0, 0)
             z_tgt += torch.where(in_tile, z.gather(1, local[:, None]).squeeze(1), 0.0)
+            if with_entropy:  # z is not read again: zeroed where p = 0, so that 0 * -inf adds 0
+                t = t * alpha + torch.linalg.vecdot(p, z.masked_fill_(p == 0, 0.0))
             m = m_new
         row_lse = m + torch.log(s)
         valid = tgt != ignore_index
@@ -142,8 +144,8 @@ def chunked_backward(
             dz = torch.exp(z - row_lse[:, None])  # p, turned into dz in place (a few tiles live at most)
             if grad_entropy is None:
                 dz.mul_(-g[:, None])
-            else:
-                dz.mul_(z.sub_(mean_z[:, None]).mul_(-e[:, None]).sub_(g[:, None]))
+            else:  # p * (e * (mean_z - z) - g), with p = 0 (a -inf logit) giving 0 rather than 0 * inf
+                dz.mul_(z.sub_(mean_z[:, None]).mul_(-e[:, None]).sub_(g[:, None]).masked_fill_(dz == 0, 0.0))
             in_tile = valid & (tgt >= v0) & (tgt < v1)
             hit = in_tile.nonzero().squeeze(1)
             dz[hit, tgt[hit] - v0] += g[hit]

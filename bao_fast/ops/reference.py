@@ -104,7 +104,8 @@ def token_logprobs_reference(
     logp = torch.where(keep, logprobs.gather(-1, safe_targets[:, None]).squeeze(-1), 0.0)
     if not return_entropy:
         return logp
-    entropy = torch.where(keep, -(logprobs.exp() * logprobs).sum(-1), 0.0)
+    probs = logprobs.exp()
+    entropy = torch.where(keep, -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1), 0.0)  # 0 log 0 = 0
     return logp, entropy
 
 # ---- shaped_advantages (issue 5) --------------------------------------------------------------------

@@ -93,6 +93,32 @@ def test_chunking_does_not_change_results(row_chunk, tile_bytes):
         _close(got, want, 1e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("masked", [slice(0, 48), slice(40, 90), slice(3, 90)], ids=["head", "tail", "all-but-3"])
+def test_minus_inf_logits_add_nothing(masked):
+    """A -inf bias over whole logit tiles (a masked vocabulary) gives the reference's finite values and
+    gradients; they were NaN (exp(-inf - -inf) in the online softmax, 0 * -inf in the entropy)."""
+    hidden, weight, b, _, _ = _inputs(25, 20, 90, bias=True, seed=8)
+    b[masked] = float("-inf")
+    allowed = torch.ones(90, dtype=torch.bool)
+    allowed[masked] = False
+    pool = allowed.nonzero().squeeze(1)
+    targets = pool[torch.randint(0, pool.numel(), (25,), generator=torch.Generator().manual_seed(8))]
+    kw = {"temperature": 0.8, "ignore_index": IGNORE}
+    tiles = {"tile_bytes": 4 * 8 * 16, "row_chunk": 8}  # 16-column tiles: the masked ranges cover whole ones
+    logp, ent, lse = chunked_forward(hidden, weight, b, targets, None, with_entropy=True, **tiles, **kw)
+    ref_logp, ref_ent = token_logprobs_reference(hidden, weight, targets, bias=b, return_entropy=True, **kw)
+    assert torch.isfinite(ref_logp).all() and torch.isfinite(ref_ent).all()
+    _close(logp, ref_logp, 1e-5, "logp")
+    _close(ent, ref_ent, 1e-5, "entropy")
+    g_logp, g_ent = torch.randn(25), torch.randn(25)
+    grads = chunked_backward(g_logp, g_ent, hidden, weight, b, targets, None, lse, ent, **tiles, **kw)
+    ref = _grads(lambda h, w, bb: token_logprobs_reference(h, w, targets, bias=bb, return_entropy=True, **kw),
+                 (hidden, weight, b), g_logp.double(), g_ent.double())  # fmt: skip
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref[2]):
+        assert torch.isfinite(want).all()
+        _close(got, want, 1e-5, f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
     hidden, weight, b, targets, _ = _inputs(25, 32, 70, dtype, bias=True, seed=9)
