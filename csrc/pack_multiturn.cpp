@@ -81,6 +81,8 @@ PackOutputs pack_multiturn_cpu(const at::Tensor& seg_lens_in, const at::Tensor& 
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(offs[b] <= offs[b + 1], "seq_seg_offsets must be non-decreasing, got ", offs[b], " > ", offs[b + 1],
                 " at index ", b);
+    TORCH_CHECK(offs[b + 1] <= S, "seq_seg_offsets must not exceed the number of segments ", S, ", got ", offs[b + 1],
+                " at index ", b + 1);
     cu[b] = static_cast<int32_t>(tok);
     toff[b] = static_cast<int32_t>(turn);
     row_start[b] = row;

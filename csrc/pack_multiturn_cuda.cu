@@ -126,13 +126,13 @@ __global__ void __launch_bounds__(kThreads) pack_multiturn_kernel(PackArgs a) {
   const int s1 = a.offs[b + 1];
 
   Totals mine{0, 0, 0, INT_MAX};
-  for (int s = s0 + static_cast<int>(threadIdx.x); s < s1; s += kThreads) {
+  for (long long s = s0 + static_cast<long long>(threadIdx.x); s < s1; s += kThreads) {
     const int len = a.lens[s];
     CUDA_KERNEL_ASSERT(len >= 0);
     mine.tokens += len;
     mine.turns += a.trained[s] ? 1 : 0;
     mine.trained_tokens += a.trained[s] ? len : 0;
-    if (len > 0) mine.first_nonempty = min(mine.first_nonempty, s);
+    if (len > 0) mine.first_nonempty = min(mine.first_nonempty, static_cast<int>(s));  // s < s1 <= INT_MAX
   }
   const Totals tot = block_reduce(mine);
   // A trajectory's first token is predicted by no row, so it is never a target row.

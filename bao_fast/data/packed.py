@@ -102,7 +102,8 @@ class PackedBatch:
     def micro_batch_bounds(self, max_tokens: int) -> list[tuple[int, int]]:
         """Greedy cut into trajectory ranges ``[start, stop)`` of at most ``max_tokens`` tokens each.
 
-        Trajectories stay whole and in order; one longer than ``max_tokens`` gets a range of its own.
+        Trajectories stay whole and in order; one longer than ``max_tokens`` gets a range of its own, and an
+        empty one joins a neighbouring range, so no range has zero tokens unless the whole batch has.
         Computed on the host description only.
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -111,7 +112,7 @@ class PackedBatch:
         bounds: list[tuple[int, int]] = []
         start, used = 0, 0
         for b, n in enumerate(lengths):
-            if b > start and used + n > max_tokens:
+            if used > 0 and n > 0 and used + n > max_tokens:
                 bounds.append((start, b))
                 start, used = b, 0
             used += n

@@ -79,6 +79,8 @@ def packed_token_logprobs(
         logp f32 ``[T]`` (and entropy f32 ``[T]``) aligned with the rows: row ``t`` scores
         ``targets[t]``; rows not in ``batch.target_rows`` are 0 and get no gradient.
     """
+    if batch.num_tokens == 0:
+        raise ValueError("batch has no tokens: the backbone cannot run on an empty packed batch")
     weight, bias = lm_head(model)
     inputs = {"input_ids": batch.input_ids[None], "position_ids": batch.position_ids[None], "use_cache": False}
     if enable_varlen_attention(model):

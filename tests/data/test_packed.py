@@ -37,8 +37,10 @@ def test_split_pieces_equal_packing_their_trajectories(
     assert [b for start, stop in bounds for b in range(start, stop)] == list(range(len(trajectories)))
     for (start, stop), piece in zip(bounds, pieces, strict=True):
         assert_same_batch(piece, pack_segments(trajectories[start:stop]))
-        # Within budget unless a single trajectory is longer than the budget on its own.
-        assert piece.num_tokens <= max_tokens or stop - start == 1
+        # Within budget unless a single trajectory is longer than the budget on its own (empty ones may join it).
+        non_empty = sum(1 for traj in trajectories[start:stop] if any(ids for _, ids in traj))
+        assert piece.num_tokens <= max_tokens or non_empty == 1
+        assert piece.num_tokens > 0 or batch.num_tokens == 0
     # Greedy: the next trajectory did not fit into the previous piece.
     for (_, stop), piece in zip(bounds[:-1], pieces[:-1], strict=True):
         next_len = sum(len(ids) for _, ids in trajectories[stop])
@@ -60,6 +62,13 @@ def test_long_trajectory_becomes_its_own_micro_batch() -> None:
     assert [p.num_tokens for p in pieces] == [3, 12, 4]
     assert pieces[2].turn_ids.tolist() == [0, -1, 1, 1]  # turns renumbered from 0 inside the piece
     assert pieces[2].seq_ids.tolist() == [0, 1, 1, 1]
+
+
+def test_empty_trajectory_after_a_long_one_joins_its_range() -> None:
+    """An empty trajectory never gets a zero-token micro-batch of its own (the backbone cannot run on one)."""
+    batch = pack_segments([[("user", list(range(10)))], [], [("assistant", [1, 2])], []])
+    assert batch.micro_batch_bounds(5) == [(0, 2), (2, 4)]
+    assert [p.num_tokens for p in batch.split(5)] == [10, 2]
 
 
 def test_split_of_empty_batch_and_bad_budget() -> None:

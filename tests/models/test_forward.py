@@ -85,6 +85,12 @@ def test_unsupported_head_raises(model_dir: Path) -> None:
         packed_token_logprobs(model, pack_segments(_trajectories(model.config.vocab_size)))
 
 
+def test_empty_batch_is_refused(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with pytest.raises(ValueError, match="batch has no tokens"):
+        packed_token_logprobs(model, pack_segments([[], []]))
+
+
 # Tiny stand-ins for the architectures users train (hidden 128, head_dim 64, 2 layers, the shipped vocab).
 ARCHITECTURES = {
     # Qwen3-4B's traits: q_norm / k_norm, head_dim apart from hidden / heads (4 * 64 != 128), tied head

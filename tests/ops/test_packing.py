@@ -142,6 +142,16 @@ def test_raw_op_rejects_inconsistent_sizes() -> None:
         torch.ops.bao_fast.pack_multiturn(seg_lens, seg_trained, seq_seg_offsets, input_ids, 0, 4, -100)
 
 
+def test_raw_op_rejects_offsets_past_the_segments() -> None:
+    """A middle offset beyond S is refused before any segment past the end is read (seg_lens is a view, so
+    the memory behind it would otherwise be read as segments)."""
+    backing_lens = torch.tensor([1, 1, -7, 0], dtype=torch.int32)
+    backing_trained = torch.zeros(4, dtype=torch.bool)
+    offsets = torch.tensor([0, 4, 2], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="seq_seg_offsets must not exceed the number of segments 2, got 4"):
+        torch.ops.bao_fast.pack_multiturn(backing_lens[:2], backing_trained[:2], offsets, torch.arange(2), 0, 0, -100)
+
+
 GOOD = make_inputs([[(2, False), (3, True)], [(1, True)]])
 
 
