@@ -43,7 +43,7 @@ def segments_to_inputs(
             if not isinstance(segment, (tuple, list)) or len(segment) != 2:
                 raise TypeError(f"{where} must be a (role, token_ids) pair, got {segment!r:.80}")
             role, token_ids = segment
-            if role not in ROLES:
+            if not isinstance(role, str) or role not in ROLES:
                 raise ValueError(f"{where} has role {role!r}; expected one of {sorted(ROLES)}")
             tokens = _as_token_tensor(token_ids, where)
             seg_lens.append(tokens.numel())
@@ -82,6 +82,8 @@ def _as_token_tensor(token_ids: object, where: str) -> torch.Tensor:
     elif isinstance(token_ids, (list, tuple)):
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
             raise ValueError(f"{where} token_ids must contain only ints")
+        if token_ids and not (-(2**63) <= min(token_ids) and max(token_ids) < 2**63):
+            raise ValueError(f"{where} token_ids must fit in int64")
         tokens = torch.tensor(token_ids, dtype=torch.int64)
     else:
         raise TypeError(f"{where} token_ids must be a list of ints or a 1-D tensor, got {type(token_ids).__name__}")

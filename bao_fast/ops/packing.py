@@ -90,6 +90,8 @@ def validate_pack_inputs(
             raise ValueError(f"{name} is host metadata and must be a CPU tensor, got device {tensor.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if input_ids.device.type not in ("cpu", "cuda"):
         raise ValueError(f"input_ids must be on a CPU or CUDA device, got {input_ids.device}")
     if input_ids.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("bao_fast::pack_multiturn", "CUDA"):

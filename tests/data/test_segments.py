@@ -54,6 +54,8 @@ def test_pack_segments_equals_pack_multiturn_and_trains_only_assistant_tokens() 
         ([[("user", [1, -2])]], ValueError, r"trajectories\[0\]\[0\] token_ids must be >= 0"),
         ([[("user", [1, 2.0])]], ValueError, "must contain only ints"),
         ([[("user", [True])]], ValueError, "must contain only ints"),
+        ([[("user", [2**63])]], ValueError, r"trajectories\[0\]\[0\] token_ids must fit in int64"),
+        ([[(["user"], [1])]], ValueError, r"trajectories\[0\]\[0\] has role \['user'\]"),
         ([[("user", torch.tensor([1.0]))]], ValueError, "1-D integer tensor"),
         ([[("user", torch.tensor([[1]]))]], ValueError, "1-D integer tensor"),
         ([[("user", "hello")]], TypeError, "list of ints or a 1-D tensor"),

@@ -190,6 +190,8 @@ def test_validation_names_the_argument(args: list[object], error: type[Exception
 def test_ignore_index_must_be_int() -> None:
     with pytest.raises(TypeError, match="ignore_index"):
         pack_multiturn(*GOOD, ignore_index=-100.0)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64, got 9223372036854775808"):
+        pack_multiturn(*GOOD, ignore_index=2**63)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
