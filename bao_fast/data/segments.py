@@ -82,7 +82,7 @@ def _as_token_tensor(token_ids: object, where: str) -> torch.Tensor:
     elif isinstance(token_ids, (list, tuple)):
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
             raise ValueError(f"{where} token_ids must contain only ints")
-        if token_ids and not (-(2**63) <= min(token_ids) and max(token_ids) < 2**63):
+        if token_ids and not (min(token_ids) >= -(2**63) and max(token_ids) < 2**63):
             raise ValueError(f"{where} token_ids must fit in int64")
         tokens = torch.tensor(token_ids, dtype=torch.int64)
     else:
