@@ -36,9 +36,9 @@ class ModelConfig:
     ``dtype`` (float32 master weights and gradient reduction; float16 with dynamic loss scaling, see
     ``optim.loss_scale``) and the rollout engine samples in it; on the CPU everything runs in float32.
     ``gradient_checkpointing`` recomputes each decoder layer in the backward; ``use_liger`` patches RMSNorm /
-    RoPE / SwiGLU with liger-kernel on a GPU when it is installed; ``attn_implementation`` (transformers' name,
-    sdpa or eager) is the training forward's attention, run varlen over packed batches (rollout engines use
-    their own)."""
+    RoPE / SwiGLU with liger-kernel on a GPU when it is installed; ``attn_implementation`` (transformers' name) is
+    the training forward's attention: sdpa and eager run varlen over packed batches; flash_attention_2/3 and
+    flex_attention (GPU only) use transformers' packed-sequence handling; rollout engines use their own."""
 
     path: str = ""
     tiny: bool = False

@@ -128,6 +128,26 @@ def _apply_liger(model: PreTrainedModel) -> bool:
     return True
 
 
+def attention_problem(name: str) -> str | None:
+    """Why transformers cannot train with attention implementation ``name`` (``model.attn_implementation``)
+    on this machine, or None: an unknown name, flex attention without a GPU (torch's CPU FlexAttention has no
+    backward), or a flash-attention one without a GPU or its package."""
+    import transformers.utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = sorted({"eager", *(key for key in ALL_ATTENTION_FUNCTIONS if "|" not in key)})
+    if name not in known:
+        return f"must be one of {known}, got {name!r}"
+    if name == "flex_attention" and not torch.cuda.is_available():
+        return "flex_attention trains on a CUDA GPU only (torch's CPU FlexAttention has no backward); sdpa runs " \
+            "everywhere"
+    if name.startswith("flash_attention_"):
+        available = getattr(transformers.utils, f"is_flash_attn_{name.rsplit('_', 1)[1]}_available", None)
+        if not torch.cuda.is_available() or (available is not None and not available()):
+            return f"{name} needs a CUDA GPU and its flash-attn package; sdpa runs everywhere"
+    return None
+
+
 def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
     """Load the HF checkpoint at ``path`` in float32 (master weights) and shard it over ``env.mesh``.
 

@@ -20,7 +20,7 @@ from bao_fast.models import TinyModelSpec, create_tiny_model
 from bao_fast.models.tiny import TINY_SPEC_FILE
 from bao_fast.rollout.engine import missing_engine
 from bao_fast.rollout.tp_group import check_tp_size
-from bao_fast.train.fsdp import DistEnv, init_distributed
+from bao_fast.train.fsdp import DistEnv, attention_problem, init_distributed
 
 T = TypeVar("T")
 
@@ -168,9 +168,12 @@ def unshared_run_dir(run_dir: str, digests: list[str | None]) -> str | None:
 
 def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
     """Why ``cfg`` cannot run (as a ConfigError message), or None; checked before anything is written: the
-    starting checkpoint, the gym's tasks, the models of the OpenAI-compatible servers, RL's rollout engine
-    and world size, and that a resumed ``run_dir`` holds a run of the same config (up to ``RESUME_SAFE_KEYS``)."""
+    training forward's attention, the starting checkpoint, the gym's tasks, the models of the OpenAI-compatible
+    servers, RL's rollout engine and world size, and that a resumed ``run_dir`` holds a run of the same config
+    (up to ``RESUME_SAFE_KEYS``)."""
     try:
+        if (problem := attention_problem(cfg.model.attn_implementation)) is not None:
+            raise ConfigError(f"config key 'model.attn_implementation': {problem}")
         if not cfg.model.tiny:
             model_path(cfg)
         elif cfg.model.path:

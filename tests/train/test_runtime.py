@@ -70,6 +70,26 @@ def test_config_tasks_names_the_key_at_fault(tmp_path, monkeypatch) -> None:
         config_tasks(bad, "test", 2, "env.num_eval_tasks")
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("bogus", "must be one of ["),
+        ("flash_attention_2", "needs a CUDA GPU and its flash-attn package"),
+        pytest.param("flex_attention", "trains on a CUDA GPU only", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="flex attention trains on a GPU")),
+    ],
+)
+def test_preflight_refuses_an_attention_this_machine_cannot_run(tmp_path, name, problem) -> None:
+    """Before anything is written (SFT would have played its teacher first, then failed in transformers)."""
+    cfg = load_config(None, ["model.tiny=true", f"run_dir={tmp_path}", f"model.attn_implementation={name}"])
+    for stage in ("sft", "train"):
+        message = preflight(cfg, 1, stage)
+        assert message.startswith("config key 'model.attn_implementation': ") and problem in message
+    for fine in ("sdpa", "eager"):
+        assert preflight(load_config(None, ["model.tiny=true", f"run_dir={tmp_path}",
+                                            f"model.attn_implementation={fine}"]), 1, "sft") is None  # fmt: skip
+
+
 def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_path) -> None:
     base = ["model.tiny=true", f"run_dir={tmp_path}", "rollout.prompts_per_step=8", "train.mini_batch_size=4"]
     cfg = load_config(None, base)
