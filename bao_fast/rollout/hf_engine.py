@@ -14,7 +14,9 @@ log-softmax of the processed scores (after temperature / top-p), the sampling di
 with ``params.seed`` seeds a forked RNG, so it neither depends on nor disturbs the global RNG state.
 On a GPU ``sleep`` moves the model to host memory and ``wake_up`` moves it back; both are no-ops on the CPU.
 The checkpoint's ``generation_config.json`` is ignored (transformers would otherwise fill every setting left
-unset, e.g. a ``repetition_penalty``, from it): rollouts sample the policy's own distribution.
+unset, e.g. a ``repetition_penalty``, from it): rollouts sample the policy's own distribution. Only its eos
+ids count: generation stops at those of ``config.json`` and ``generation_config.json`` alike, as vLLM's does
+(Qwen-Instruct checkpoints list ``<|endoftext|>`` there only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from bao_fast.config import RolloutConfig
 from bao_fast.rollout.engine import DTYPES, Generation, GenerationParams, check_context_length, validate_prompts
 from bao_fast.rollout.weight_sync import iter_full_weights
+
+
+def _as_ids(eos: int | Sequence[int] | None) -> tuple[int, ...]:
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+
+
+def checkpoint_eos_ids(model_path: str | Path, config_eos: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The eos ids of the checkpoint at ``model_path``: ``config_eos`` (config.json's) then those only its
+    ``generation_config.json`` lists, in order without repeats."""
+    ids = list(_as_ids(config_eos))
+    if (Path(model_path) / "generation_config.json").is_file():
+        ids += _as_ids(GenerationConfig.from_pretrained(str(model_path)).eos_token_id)
+    return tuple(dict.fromkeys(ids))
 
 
 class HFEngine:
@@ -80,8 +95,7 @@ class HFEngine:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=DTYPES[dtype]).to(device)
         config = model.config
-        eos = config.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        eos_ids = checkpoint_eos_ids(model_path, config.eos_token_id)
         if not eos_ids:
             raise ValueError(f"checkpoint {str(model_path)!r}: its config has no eos_token_id")
         return cls(

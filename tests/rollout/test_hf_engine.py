@@ -143,3 +143,17 @@ def test_a_list_of_eos_ids_is_taken_whole(odd_checkpoint):
     assert engine.eos_token_ids == (EOS, 1500)  # generation stops at either (greedy test above)
     with pytest.raises(ValueError, match="eos_token_ids"):
         HFEngine(engine.model, max_model_len=64, eos_token_ids=(), pad_token_id=0)
+
+
+def test_generation_config_eos_ids_stop_generation_too(tiny_model_dir, reference, tmp_path):
+    """vLLM stops at the eos ids of generation_config.json as well (Qwen-Instruct lists <|endoftext|> there
+    only); so does this engine, so both engines end turns on the same tokens."""
+    shutil.copytree(tiny_model_dir, tmp_path, dirs_exist_ok=True)
+    second_eos = 312  # the tiny model's third greedy token after PROMPTS[0]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, second_eos]}))
+    engine = HFEngine.from_config(tmp_path, RolloutConfig(max_model_len=64), device="cpu")
+    assert engine.eos_token_ids == (EOS, second_eos)
+    gens = engine.generate(PROMPTS, GenerationParams(max_tokens=9, temperature=0.0))
+    assert gens[0].token_ids[-1] == second_eos and len(gens[0].token_ids) < 9
+    for prompt, gen in zip(PROMPTS, gens):
+        assert gen.token_ids == reference_greedy(reference, prompt, 9, {EOS, second_eos})
