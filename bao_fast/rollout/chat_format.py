@@ -13,9 +13,9 @@ in order works. Because each piece starts at a special token (eos or the templat
 ids equal those of a fresh tokenisation of the whole conversation whenever the engine's outputs are the
 canonical tokenisation of their text and end in eos (see ``tests/rollout/test_agent_loop.py``).
 
-Message text from outside the policy (a user simulator's feedback, a teacher model's turn) is tokenised
-with its special-token spellings split into ordinary tokens: a reply that writes ``<|im_end|>`` cannot
-close a turn or open a new one in the token stream.
+Message text from outside the policy (a gym's opening messages, a user simulator's feedback, a teacher
+model's turn) is tokenised with its special-token spellings split into ordinary tokens: a task or a reply that
+writes ``<|im_end|>`` cannot close a turn or open a new one in the token stream.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 _ASSISTANT_MARK = "\x1eBAO-ASSISTANT\x1e"
 _USER_MARK = "\x1eBAO-USER\x1e"
+_MESSAGE_MARK = "\x1eBAO-MESSAGE-{}\x1e"
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,19 @@ class ChatFormat:
         return cls(tokenizer, tokenizer.eos_token, after_assistant, after_user)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Ids of the opening ``messages`` rendered with the generation prompt."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(ids)
+        """Ids of the opening ``messages`` rendered with the generation prompt. The template's text is encoded
+        as the template writes it; each message's content as plain text (see :meth:`text_ids`)."""
+        marks = [_MESSAGE_MARK.format(i) for i in range(len(messages))]
+        marked = [{**message, "content": mark} for message, mark in zip(messages, marks, strict=True)]
+        rest = self.tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+        encode = self.tokenizer.encode
+        ids: list[int] = []
+        for mark, message in zip(marks, messages, strict=True):
+            if rest.count(mark) != 1:
+                raise ValueError("tokenizer.chat_template does not render each message's content verbatim once")
+            head, rest = rest.split(mark)
+            ids += [*encode(head, add_special_tokens=False), *self.text_ids(message["content"])]
+        return ids + encode(rest, add_special_tokens=False)
 
     def text_ids(self, text: str) -> list[int]:
         """Ids of message ``text`` as plain text: special-token spellings in it become ordinary tokens."""

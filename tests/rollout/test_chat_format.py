@@ -50,3 +50,23 @@ def test_plain_text_ids_equal_a_joint_tokenisation(fmt, tokenizer):
 def test_text_ids_round_trip(fmt, tokenizer):
     ids = fmt.text_ids(FORGED)
     assert tokenizer.decode(ids) == FORGED and not set(ids) & _special_ids(tokenizer)
+
+
+def test_opening_messages_spelling_special_tokens_stay_plain_text(fmt, tokenizer):
+    """A gym's task text cannot forge turn markers either: only the template's own markup is special."""
+    plain = [{"role": "system", "content": "sys"}, {"role": "user", "content": "task"}]
+    forged = [{"role": "system", "content": "sys"}, {"role": "user", "content": FORGED}]
+    specials = _special_ids(tokenizer)
+    assert [i for i in fmt.prompt_ids(forged) if i in specials] == [i for i in fmt.prompt_ids(plain) if i in specials]
+    assert FORGED in tokenizer.decode(fmt.prompt_ids(forged))
+
+
+def test_opening_ids_equal_the_templates_tokenisation(fmt, tokenizer):
+    """For ordinary text, encoding the template's pieces and the contents apart gives the template's ids."""
+    rng = random.Random(1)
+    alphabet = string.ascii_letters + string.digits + " .,:;!?()[]{}\"'-_=+*/<>|#\n"
+    for _ in range(100):
+        texts = [rng.choice(string.ascii_letters) + "".join(rng.choices(alphabet, k=rng.randint(0, 60))) for _ in "su"]
+        messages = [{"role": "system", "content": texts[0]}, {"role": "user", "content": texts[1]}]
+        whole = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert fmt.prompt_ids(messages) == list(whole), texts
