@@ -26,7 +26,7 @@ from bao_fast.algo.shaping import ShapingConfig
 
 _CREDIT_CODES = {"r2g": 0, "equalized": 1, "em": 2}
 _SCORE_CODES = {"sum": 0, "mean": 1, "r2g": 2}
-_EM_DENOM: tl.constexpr = tl.constexpr(1.0 - math.exp(-2.0))
+_EM_DENOM: tl.constexpr = tl.constexpr(1.0 - math.exp(-2.0))  # made a constant of the data's dtype in kernels
 TOKEN_BLOCK = 1024
 TRAJ_BLOCK = 64
 GROUP_TILE = 16  # 64 x 16 comparison tiles: spill-free in fp32 and fp64 on sm_80 and sm_90 with Triton 3.6 to 3.9
@@ -57,29 +57,34 @@ def _trajectory_shaping_kernel(
     credits_ptr,
     scores_ptr,
     num_traj,
-    gamma,
-    info_seeking_coef,
-    overthinking_coef,
+    gamma: tl.float64,
+    info_seeking_coef: tl.float64,
+    overthinking_coef: tl.float64,
     horizon,
     CREDIT: tl.constexpr,
     SCORE: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     """One lane per trajectory: Σ r_t (forward loop), then a reverse loop over turns computing p_t, r̃_t,
-    the discounted reward-to-go, the credits and the score."""
+    the discounted reward-to-go, the credits and the score. The coefficients arrive as fp64 and become
+    constants of the rewards' dtype, so fp64 rewards get fp64 coefficients (a float argument would be fp32)."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_b = b < num_traj
     start = tl.load(offsets_ptr + b, mask=in_b, other=0)
     n = tl.load(offsets_ptr + b + 1, mask=in_b, other=0) - start
     max_n = tl.max(n, axis=0)
     acc_dtype = rewards_ptr.dtype.element_ty
+    gamma_c = tl.full([], gamma, acc_dtype)
+    info_c = tl.full([], info_seeking_coef, acc_dtype)
+    overthinking_c = tl.full([], overthinking_coef, acc_dtype)
+    em_denom = tl.full([], _EM_DENOM, acc_dtype)
 
     total = tl.zeros([BLOCK_B], dtype=acc_dtype)
     for i in range(0, max_n):
         total += tl.load(rewards_ptr + start + i, mask=i < n, other=0.0)
     failed = total <= 0.0
     overthought = (overthinking_coef > 0.0) & (total == 0.0) & (n < horizon)
-    big_p = overthinking_coef * (horizon - n).to(acc_dtype) + 0.2
+    big_p = overthinking_c * (horizon - n).to(acc_dtype) + tl.full([], 0.2, acc_dtype)
     late_penalty = tl.where(overthought, big_p / (n + 1).to(acc_dtype), 0.0)
     first_penalty = tl.where(overthought & (n == 1), 0.5, 0.0)
 
@@ -91,17 +96,17 @@ def _trajectory_shaping_kernel(
         r = tl.load(rewards_ptr + start + t, mask=live, other=0.0)
         answer = tl.load(answer_ptr + start + t, mask=live, other=0) != 0
         prev_answer = tl.load(answer_ptr + start + t - 1, mask=live & (t > 0), other=0) != 0
-        info_penalty = tl.where(failed & answer & prev_answer, info_seeking_coef, 0.0)
+        info_penalty = tl.where(failed & answer & prev_answer, info_c, 0.0)
         shaped = r - info_penalty - tl.where(t > 0, late_penalty, first_penalty)
         shaped = tl.where(live, shaped, 0.0)
-        running = shaped + gamma * running
+        running = shaped + gamma_c * running
         shaped_sum += shaped
         if CREDIT == 0:
             credit = running
         elif CREDIT == 1:
             credit = tl.full([BLOCK_B], 1.0, acc_dtype)
         else:
-            credit = 0.5 + 0.5 * (1.0 - tl.exp(-2.0 * shaped)) / _EM_DENOM
+            credit = 0.5 + 0.5 * (1.0 - tl.exp(-2.0 * shaped)) / em_denom
         tl.store(credits_ptr + start + t, credit.to(acc_dtype), mask=live)
 
     if SCORE == 0:
@@ -123,7 +128,7 @@ def _group_normalize_kernel(
     normalized_ptr,
     turn_adv_ptr,
     num_traj,
-    eps,
+    eps: tl.float64,
     NORM_BY_STD: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -169,7 +174,7 @@ def _group_normalize_kernel(
     std = tl.sqrt(sq_dev / tl.maximum(count - 1, 1).to(acc_dtype))
     mean = tl.where(single, 0.0, mean)
     std = tl.where(single, 1.0, std)
-    adv = (s - mean) / (std + eps) if NORM_BY_STD else s - mean
+    adv = (s - mean) / (std + tl.full([], eps, acc_dtype)) if NORM_BY_STD else s - mean
     adv = tl.where((s_min == s_max) & ~single, 0.0, adv)
     tl.store(normalized_ptr + b, adv, mask=in_b)
 

@@ -31,12 +31,12 @@ def kernel_specs(dtype: torch.dtype) -> dict[str, aot.KernelSpec]:
     count_args = {"token_turn_ids_ptr": int32, "counts_ptr": int32, "num_tokens": int}
     shaping_args = {
         "rewards_ptr": dtype, "answer_ptr": torch.uint8, "offsets_ptr": int32, "credits_ptr": dtype,
-        "scores_ptr": dtype, "num_traj": int, "gamma": float, "info_seeking_coef": float,
-        "overthinking_coef": float, "horizon": int,
+        "scores_ptr": dtype, "num_traj": int, "gamma": "fp64", "info_seeking_coef": "fp64",
+        "overthinking_coef": "fp64", "horizon": int,
     }  # fmt: skip
     normalize_args = {
         "scores_ptr": dtype, "group_ptr": torch.int64, "offsets_ptr": int32, "credits_ptr": dtype,
-        "counts_ptr": int32, "normalized_ptr": dtype, "turn_adv_ptr": dtype, "num_traj": int, "eps": float,
+        "counts_ptr": int32, "normalized_ptr": dtype, "turn_adv_ptr": dtype, "num_traj": int, "eps": "fp64",
     }  # fmt: skip
     gather_args = {"token_turn_ids_ptr": int32, "turn_adv_ptr": dtype, "out_ptr": dtype, "num_tokens": int}
 

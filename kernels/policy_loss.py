@@ -68,10 +68,10 @@ def _clipped_ratio_loss_kernel(
     num_tokens,
     num_seqs,
     search_steps,
-    clip_low,
-    clip_high,
-    dual_clip,
-    kl_coef,
+    clip_low: tl.float64,
+    clip_high: tl.float64,
+    dual_clip: tl.float64,
+    kl_coef: tl.float64,
     HAS_REF: tl.constexpr,
     KL_TYPE: tl.constexpr,
     PER_SEQ_WEIGHT: tl.constexpr,
@@ -79,7 +79,9 @@ def _clipped_ratio_loss_kernel(
 ):
     """Per token: loss l_j, dl_j/dlogp_j, weight w_j (weight_ptr[0], or weight_ptr[sequence] when
     PER_SEQ_WEIGHT); writes grad_j = mask_j w_j dl_j and NUM_STATS partial
-    sums (fp64) of this block: Σ w l, Σ mask, Σ clipped, Σ dual-clipped, Σ (old - logp), Σ kl."""
+    sums (fp64) of this block: Σ w l, Σ mask, Σ clipped, Σ dual-clipped, Σ (old - logp), Σ kl. The
+    coefficients arrive as fp64 and become constants of the log-probs' dtype (a float argument would be fp32,
+    which moved fp64 clip boundaries)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_t = offs < num_tokens
@@ -91,15 +93,15 @@ def _clipped_ratio_loss_kernel(
     log_ratio = logp - old_logp
     ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
     d_ratio = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), ratio, 0.0)
-    lower = 1.0 - clip_low
-    upper = 1.0 + clip_high
+    lower = tl.full([], 1.0 - clip_low, logp.dtype)
+    upper = tl.full([], 1.0 + clip_high, logp.dtype)
     pg1 = -adv * ratio
     pg2 = -adv * tl.minimum(tl.maximum(ratio, lower), upper)
     clipped = pg2 > pg1
     pg = tl.where(clipped, pg2, pg1)
     d_pg1 = -adv * d_ratio
     d_pg = tl.where(clipped, tl.where((ratio >= lower) & (ratio <= upper), d_pg1, 0.0), d_pg1)
-    pg3 = -adv * dual_clip
+    pg3 = -adv * tl.full([], dual_clip, logp.dtype)
     dual = (adv < 0.0) & (pg3 < pg)
     loss = tl.where(dual, pg3, pg)
     d_loss = tl.where(dual, 0.0, d_pg)
@@ -118,8 +120,9 @@ def _clipped_ratio_loss_kernel(
             e = tl.exp(x)
             kl = e - x - 1.0
             d_kl = tl.where((diff >= -10.0) & (diff <= 10.0), 1.0 - e, 0.0)
-        loss += kl_coef * kl
-        d_loss += kl_coef * d_kl
+        kl_c = tl.full([], kl_coef, logp.dtype)
+        loss += kl_c * kl
+        d_loss += kl_c * d_kl
 
     if PER_SEQ_WEIGHT:
         w = tl.load(weight_ptr + _sequence_of(offs, cu_seqlens_ptr, num_seqs, search_steps), mask=m, other=0.0)

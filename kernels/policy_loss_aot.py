@@ -45,7 +45,7 @@ def kernel_specs(dtype: torch.dtype) -> dict[str, aot.KernelSpec]:
             **dict.fromkeys(("logp_ptr", "old_logp_ptr", "adv_ptr"), dtype),
             "mask_ptr": torch.uint8, "ref_logp_ptr": dtype, "cu_seqlens_ptr": cu_dtype, "weight_ptr": dtype,
             "grad_ptr": dtype, "partials_ptr": torch.float64, "num_tokens": int, "num_seqs": int,
-            "search_steps": int, **dict.fromkeys(("clip_low", "clip_high", "dual_clip", "kl_coef"), float),
+            "search_steps": int, **dict.fromkeys(("clip_low", "clip_high", "dual_clip", "kl_coef"), "fp64"),
         }  # fmt: skip
         constexprs = {"HAS_REF": has_ref, "KL_TYPE": kl_code, "PER_SEQ_WEIGHT": per_seq, "BLOCK": pk.TOKEN_BLOCK}
         unit: tuple[str, ...] = ()

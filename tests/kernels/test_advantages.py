@@ -154,3 +154,16 @@ def test_single_trajectory_without_tokens():
     torch.testing.assert_close(credits.double(), ref.turn_credits)
     torch.testing.assert_close(normalized.double(), ref.normalized_scores)  # a group of one: Â = S
     torch.testing.assert_close(normalized, scores)
+
+
+@pytest.mark.parametrize("name", ["r2g-r2g", "em-mean-drgrpo", "bao"])
+def test_float64_rewards_get_float64_coefficients(name):
+    """fp64 rewards are shaped in fp64 throughout: the coefficients (gamma, λ_IS, λ_OT, eps, BAO's 0.2, EM's
+    1 - e^-2) are constants of the rewards' dtype, not fp32 (which left ~1e-8 relative errors)."""
+    cfg = replace(CONFIGS[name], gamma=0.9 if name == "r2g-r2g" else 1.0, eps=1.1e-6)
+    rewards, answers, offsets, groups, token_turns = make_batch(97, 4)
+    rewards = rewards.double() + torch.linspace(0.0, 0.3, rewards.numel(), dtype=torch.float64)  # not dyadic
+    batch = (rewards, answers, offsets, groups, token_turns)
+    out = run_kernels(batch, cfg)
+    assert [t.dtype for t in out] == [torch.float64] * 4
+    assert_matches_reference(out, shaped_advantages_reference(*batch, cfg), offsets, token_turns, tol=1e-12)

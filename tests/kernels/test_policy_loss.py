@@ -106,3 +106,29 @@ def test_infinite_dual_clip(agg):
     inputs = make_inputs([40, 0, 300, 9], seed=4)
     _, _, stats = check(*inputs, **dict(OPTIONS, kl_type="k3", agg=agg, dual_clip=float("inf")))
     assert stats[1] == 0 and stats[0] > 0
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k3"])
+def test_float64_clip_boundaries_and_coefficients_are_float64(kl_type):
+    """fp64 log-probs are clipped at fp64 bounds: ratios 2e-8 beyond 1 + clip_high / 1 - clip_low are clipped
+    as the reference clips them (fp32 coefficients moved the bounds by ~3e-9 and let them through), and the
+    loss matches to fp64 precision."""
+    ratios = torch.tensor([1.28 + 2e-8, 1.28 - 2e-8, 0.8 - 2e-8, 0.8 + 2e-8, 1.0, 3.3], dtype=torch.float64)
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.7, -0.9], dtype=torch.float64)
+    logp = torch.linspace(-3.0, -0.1, 6, dtype=torch.float64)
+    old_logp = logp - ratios.log()
+    ref_logp = logp + 0.123456789
+    mask = torch.ones(6, dtype=torch.bool)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    kw = {**OPTIONS, "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.1, "kl_coef": 0.0123456789,
+          "kl_type": kl_type, "agg": "token-mean"}  # fmt: skip
+    on_device = [t.to(DEVICE) for t in (logp, old_logp, advantages, mask, cu, ref_logp)]
+    loss, grad, stats = (t.cpu() for t in clipped_ratio_loss_triton(
+        *on_device,
+        kw["clip_low"], kw["clip_high"], kw["dual_clip"], kw["kl_coef"], kw["kl_type"], kw["agg"], kw["norm_length"],
+    ))  # fmt: skip
+    want_loss, want_grad, want_stats = reference(logp, old_logp, advantages, mask, cu, ref_logp, **kw)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-12, atol=1e-14)
+    assert stats[STAT_NAMES.index("clipfrac")].item() > 0
