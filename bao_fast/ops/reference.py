@@ -88,7 +88,8 @@ def token_logprobs_reference(
 
     Returns logp ``[N]`` (``z[target] - logsumexp(z)``) and, with ``return_entropy``, the positive entropy
     ``logsumexp(z) - sum(softmax(z) * z)`` ``[N]``, both fp64; differentiable. Rows whose target is
-    ``ignore_index``, and rows not in ``target_rows`` when given, are 0 and get no gradient.
+    ``ignore_index``, and rows not in ``target_rows`` when given, are 0 and get no gradient. A ``-inf``
+    logit (a masked vocabulary entry) has p = 0 and adds 0 to the entropy (0 log 0 = 0).
     """
     logits = hidden.double() @ weight.double().T
     if bias is not None:
