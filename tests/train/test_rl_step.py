@@ -1,0 +1,72 @@
+"""``rl_step`` wiring: the advantages that reach the policy update are BAO's shaped advantages of the step's
+rollouts (turn rewards and answer flags in trajectory order, prompt groups, row-aligned to the token each row
+predicts), derived here independently from the fp64 reference over token-aligned turn ids."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bao_fast.config import load_config
+from bao_fast.data.segments import pack_segments
+from bao_fast.ops.reference import shaped_advantages_reference
+from bao_fast.rollout import Trajectory
+from bao_fast.rollout.tp_group import TPGroup
+from bao_fast.train import rl
+
+pytestmark = pytest.mark.usefixtures("single_rank_world")
+
+# (group, per-turn (reward, is_answer), assistant tokens per turn): different turn counts, rewards and answer
+# patterns, so every turn of a group has its own advantage and a one-row shift changes them.
+EPISODES = [
+    (0, [(0.0, False), (0.0, True), (1.0, True)], [3, 2, 4]),
+    (0, [(0.0, True), (0.0, True)], [2, 5]),
+    (1, [(0.0, False), (0.5, True)], [4, 3]),
+    (1, [(0.0, True), (0.0, False), (0.0, True), (0.0, True)], [2, 2, 3, 2]),
+]
+
+
+def _trajectories() -> list[Trajectory]:
+    out, token = [], 10
+    for k, (group, turns, lengths) in enumerate(EPISODES):
+        segments: list[tuple[str, list[int]]] = [("user", [5, 6, 7, 8])]
+        for n in lengths:
+            segments += [("assistant", list(range(token, token + n))), ("user", [9, 9])]
+            token += n
+        out.append(Trajectory(f"task{group}", group, k, segments[:-1], ["answer" if a else "ask" for _, a in turns],
+                              [r for r, _ in turns], [a for _, a in turns], end_reason="max_turns"))
+    return out
+
+
+def test_update_gets_the_shaped_advantages_of_the_rollouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, ["model.tiny=true", "algo.name=bao", "rollout.prompts_per_step=2",
+                             "rollout.group_size=2", "train.mini_batch_size=2", "env.max_turns=4"])
+    trajectories = _trajectories()
+    captured: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(rl, "sync_engine", lambda s: None)
+    monkeypatch.setattr(rl, "rollout", lambda *args, **kwargs: trajectories)
+    monkeypatch.setattr(rl, "forward_logprobs", lambda policy, batch, *a, **k: torch.zeros(batch.num_tokens))
+
+    def update(s, state, batch, cuts, old_logp, advantages, ref_logp):
+        captured["advantages"] = advantages.clone()
+        return {}
+
+    monkeypatch.setattr(rl, "policy_update", update)
+    s = SimpleNamespace(cfg=cfg, env=SimpleNamespace(device=torch.device("cpu")), policy=None, ref_policy=None,
+                        engine=SimpleNamespace(sleep=lambda: None), tp_group=TPGroup(1, 0, 1, 0), train_tasks=[0, 1])
+    state = SimpleNamespace(step=0, sampler=SimpleNamespace(next=lambda n: list(range(n))))
+    rl.rl_step(s, state)
+
+    batch = pack_segments([t.segments for t in trajectories])
+    per_token = shaped_advantages_reference(
+        torch.tensor([r for t in trajectories for r in t.turn_rewards]),
+        torch.tensor([a for t in trajectories for a in t.turn_is_answer]),
+        batch.turn_offsets, torch.tensor([t.group_id for t in trajectories]), batch.turn_ids, cfg.algo.shaping,
+    ).token_advantages  # token j's advantage
+    expected = torch.zeros(batch.num_tokens, dtype=torch.float64)
+    for start, stop in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(), strict=True):
+        expected[start : stop - 1] = per_token[start + 1 : stop]  # row t scores token t + 1 of its trajectory
+    assert expected.abs().gt(0).sum() > 20 and (expected > 0).any() and (expected < 0).any()
+    torch.testing.assert_close(captured["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
