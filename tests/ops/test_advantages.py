@@ -3,6 +3,8 @@ validation errors and torch.compile / torch.library registration."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,57 @@ def test_cuda_matches_reference_without_host_sync():
     ref = shaped_advantages_reference(*batch, cfg)
     for got, want in zip(out, ref):
         torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bao_shaping_of_a_hand_worked_batch():
+    """BAO.md's stage 2 worked by hand (BAO preset, T = 4): the reference and the op both give these numbers.
+
+    A (group 0): rewards 0, 0, 1, choices ask, answer, answer; solved, so no penalty. r2g credits (γ = 0.8):
+        c = (0.64, 0.8, 1), S = 1.
+    B (group 0): rewards 0, 0, both answers; failed and ended at T' = 2 < 4. Information seeking: p_2 -= 0.005;
+        over-thinking: P = 0.05 (4 - 2) + 0.2 = 0.3, p_2 -= P / 3 = 0.1. r̃ = (0, -0.105), c = (-0.084, -0.105),
+        S = -0.105.
+    C (group 1, alone): reward 0, an answer, T' = 1: p_1 -= 0.5, c = (-0.5,), S = -0.5; a group of one has
+        mean 0 and std 1.
+    Group 0: mean 0.4475, Bessel std 0.5525·√2, so Â = ±0.5525 / (0.5525·√2 + 1e-6).
+    Tokens per turn: A (3, 2, 4): N = 9, C = 7.52; B (2, 5): N = 7, C = -0.693; C (3,): N = 3, C = -1.5.
+    """
+    rewards = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    answers = torch.tensor([False, True, True, True, True, True])
+    offsets = torch.tensor([0, 3, 5, 6], dtype=torch.int32)
+    groups = torch.tensor([0, 0, 1])
+    tokens_per_turn = [3, 2, 4, 2, 5, 3]
+    token_turns = torch.tensor([-1] + [t for t, n in enumerate(tokens_per_turn) for _ in range(n)] + [-1],
+                               dtype=torch.int32)  # fmt: skip
+    a_hat = 0.5525 / (0.5525 * 2**0.5 + 1e-6)
+    credits = [0.64, 0.8, 1.0, -0.084, -0.105, -0.5]
+    scale = [a_hat * 9 / 7.52] * 3 + [-a_hat * 7 / -0.693] * 2 + [(-0.5 / (1 + 1e-6)) * 3 / -1.5]
+    expected_tokens = [0.0] + [credits[t] * scale[t] for t, n in enumerate(tokens_per_turn) for _ in range(n)] + [0.0]
+    cfg = preset("bao", horizon=4)
+    for out in (shaped_advantages_reference(rewards, answers, offsets, groups, token_turns, cfg),
+                shaped_advantages(rewards, answers, offsets, groups, token_turns, cfg)):  # fmt: skip
+        torch.testing.assert_close(out.turn_credits, torch.tensor(credits, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.scores, torch.tensor([1.0, -0.105, -0.5], dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        torch.testing.assert_close(out.normalized_scores, torch.tensor([a_hat, -a_hat, -0.5 / (1 + 1e-6)],
+                                   dtype=torch.float64), rtol=1e-12, atol=1e-12)  # fmt: skip
+        torch.testing.assert_close(out.token_advantages, torch.tensor(expected_tokens, dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+
+
+def test_em_credits_and_mean_scores_of_a_hand_worked_batch():
+    """``em`` credits c = 0.5 + 0.5 (1 - e^(-2 r̃)) / (1 - e^-2), ``mean`` scores, no std (Dr.GRPO), by hand:
+    X: rewards (0, 1), c = (0.5, 1), S = 0.5; Y: reward 0.25, c = 0.5 + 0.5 (1 - e^-0.5) / (1 - e^-2), S = 0.25.
+    Â = S - 0.375 = ±0.125. Tokens X (1, 2): N = 3, C = 2.5; Y (2,): N = 2, C = 2c, so A = -0.125."""
+    c_y = 0.5 + 0.5 * (1 - math.exp(-0.5)) / (1 - math.exp(-2))
+    rewards = torch.tensor([0.0, 1.0, 0.25], dtype=torch.float64)
+    answers = torch.tensor([False, True, True])
+    offsets = torch.tensor([0, 2, 3], dtype=torch.int32)
+    token_turns = torch.tensor([-1, 0, -1, 1, 1, -1, 2, 2], dtype=torch.int32)
+    expected = [0.0, 0.5 * 0.125 * 3 / 2.5, 0.0, 0.125 * 3 / 2.5, 0.125 * 3 / 2.5, 0.0, -0.125, -0.125]
+    cfg = ShapingConfig("em", "mean", horizon=4, norm_by_std=False)
+    for out in (shaped_advantages_reference(rewards, answers, offsets, torch.tensor([7, 7]), token_turns, cfg),
+                shaped_advantages(rewards, answers, offsets, torch.tensor([7, 7]), token_turns, cfg)):  # fmt: skip
+        torch.testing.assert_close(out.turn_credits, torch.tensor([0.5, 1.0, c_y], dtype=torch.float64))
+        torch.testing.assert_close(out.scores, torch.tensor([0.5, 0.25], dtype=torch.float64))
+        torch.testing.assert_close(out.token_advantages, torch.tensor(expected, dtype=torch.float64))

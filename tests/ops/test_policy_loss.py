@@ -3,6 +3,8 @@ scaling, stats, validation errors and torch.compile / torch.library registration
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -215,3 +217,36 @@ def test_cuda_matches_reference_without_host_sync(agg):
     torch.testing.assert_close(leaf.grad.cpu().double(), ref_leaf.grad, rtol=1e-5, atol=1e-7)
     for name in STAT_NAMES:
         torch.testing.assert_close(stats[name].cpu().double(), want_stats[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_hand_worked_batch():
+    """The clipped surrogate of BAO.md by hand (clip 0.2 / 0.2, dual clip 3), per token (ρ, A):
+    (1.5, 1): clipped high, l = -1.2, dl/dρ = 0;  (0.5, 2): unclipped, l = -1.0, dl/dρ = -2;
+    (0.5, -1): clipped low, l = 0.8, dl/dρ = 0;  (4, -1): dual clip, l = 3, dl/dρ = 0;  a masked fifth token.
+    k3 KL to ref_logp = logp + d: kl = e^d - d - 1, d kl / d logp = 1 - e^d. Token mean over 4 tokens;
+    clipfrac 2/4 (pg2 > pg1 on the first and third), clipfrac_lower 1/4, approx_kl = -log(1.5 · 0.25 · 4) / 4."""
+    ratio = torch.tensor([1.5, 0.5, 0.5, 4.0, 7.0], dtype=torch.float64)
+    advantages = torch.tensor([1.0, 2.0, -1.0, -1.0, 5.0], dtype=torch.float64)
+    d = torch.tensor([0.3, -0.2, 0.0, 0.5, 9.0], dtype=torch.float64)
+    logp = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.0], dtype=torch.float64)
+    old_logp, ref_logp = logp - ratio.log(), logp + d
+    mask = torch.tensor([True, True, True, True, False])
+    pg, dpg_dratio = [-1.2, -1.0, 0.8, 3.0], [0.0, -2.0, 0.0, 0.0]
+    kl = [math.exp(x) - x - 1 for x in d[:4].tolist()]
+    want_loss = (sum(pg) + 0.1 * sum(kl)) / 4
+    want_grad = [(g * r + 0.1 * (1 - math.exp(x))) / 4 for g, r, x in zip(dpg_dratio, ratio.tolist(), d.tolist())]
+    want_stats = {"clipfrac": 0.5, "clipfrac_lower": 0.25, "approx_kl": -math.log(1.5) / 4, "kl": sum(kl) / 4}
+    for fn in (clipped_ratio_loss_reference, clipped_ratio_loss):
+        leaf = logp.clone().requires_grad_()
+        loss, stats = fn(leaf, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=0.1, kl_type="k3",
+                         clip_low=0.2, clip_high=0.2, dual_clip=3.0, agg="token-mean")  # fmt: skip
+        loss.backward()
+        torch.testing.assert_close(loss, torch.tensor(want_loss, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(leaf.grad, torch.tensor([*want_grad, 0.0], dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        for name, value in want_stats.items():
+            assert stats[name].item() == pytest.approx(value, rel=1e-12, abs=1e-12), (fn.__name__, name)
+    # seq-mean-token-mean over sequences [0, 2) and [2, 5) (its masked token left out), without KL
+    cu_seqlens = torch.tensor([0, 2, 5], dtype=torch.int32)
+    loss, _ = clipped_ratio_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, agg="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(((-1.2 - 1.0) / 2 + (0.8 + 3.0) / 2) / 2, rel=1e-12)
