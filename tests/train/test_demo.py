@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from bao_fast.config import load_config
 from bao_fast.eval.metrics import summarize
@@ -45,3 +50,27 @@ def test_report_names_the_decoding(tmp_path: Path) -> None:
     for greedy, title in ((True, "Greedy evaluation"), (False, "Sampled evaluation")):
         cfg = load_config(default_config_path(), [f"run_dir={tmp_path}", f"eval.greedy={str(greedy).lower()}"])
         assert title in write_report(cfg, [summary, summary], wall_s=1.0)["report.md"].read_text()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """``bao-fast demo`` on a shrunken default (transformers engine, one RL step, two eval tasks): SFT, RL,
+    both evaluations and the report, with the HF exports a user serves."""
+    overrides = [
+        f"run_dir={tmp_path}", "rollout.engine=hf", "sft.num_trajectories=4", "sft.epochs=1", "sft.eval_fraction=0.25",
+        "train.steps=1", "rollout.prompts_per_step=2", "rollout.group_size=2", "train.mini_batch_size=2",
+        "env.num_train_tasks=8", "env.num_eval_tasks=2", "eval.num_tasks=2", "eval.max_k=2",
+        "rollout.max_turn_tokens=16", "logging.progress=false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "bao_fast.cli", "demo", *overrides], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| SFT | " in done.stdout and "| BAO RL | " in done.stdout and "Pass@U-2" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["models"]) == {"SFT", "BAO RL"}
+    assert all(m["num_episodes"] == 2 and set(m["pass_at_u"]) == {"1", "2"} for m in report["models"].values())
+    for model in ("sft-model", "final-model"):
+        assert (tmp_path / model / "model.safetensors").is_file() and (tmp_path / model / "config.json").is_file()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert 1 in steps
