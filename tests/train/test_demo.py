@@ -1,4 +1,4 @@
-"""The demo's report: SFT-vs-RL table, Pass@U-k plot and training curves from a run directory."""
+"""The demo: its report (SFT-vs-RL table, Pass@U-k plot, training curves) and a shrunken end-to-end run."""
 
 from __future__ import annotations
 
