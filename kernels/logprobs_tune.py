@@ -11,8 +11,9 @@ registers) are recorded with their error and skipped.
     python -m bao_fast.kernels.logprobs_tune --n 8192 --v 128256 --out-dir ~/.cache/bao_fast/tuned
 
 The file goes to ``bao_fast/kernels/tuned/`` (commit it) or ``--out-dir`` (then point ``BAO_FAST_TUNED_DIR``
-at that directory). Under ``TRITON_INTERPRET=1`` it runs on the CPU with interpreter-sized candidates: that
-is how its tests exercise it, not a way to tune.
+at that directory). It is rewritten after every knob (``"complete": false`` until the last), so a run stopped
+by a time limit still leaves the best tiles found so far. Under ``TRITON_INTERPRET=1`` it runs on the CPU
+with interpreter-sized candidates: that is how its tests exercise it, not a way to tune.
 """
 
 from __future__ import annotations
@@ -153,11 +154,13 @@ def tune(
     kernels: Sequence[str] = KERNELS,
     max_workspace_bytes: int | None = None,
     log: Callable[[str], None] = lambda line: None,
+    on_knob: Callable[[LogprobTiles, list[Trial]], None] = lambda best, trials: None,
 ) -> tuple[LogprobTiles, list[Trial]]:
     """Coordinate descent over ``kernels``' tiles (and the split, group and chunk knobs) from ``start``.
 
     Returns the fastest tiles found and every trial. The forward is timed alone; backward knobs are timed on
-    the backward alone, with the forward's outputs of ``start``.
+    the backward alone, with the forward's outputs of ``start``. ``on_knob(best, trials)`` runs after each
+    knob's descent (the best tiles so far).
     """
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
@@ -192,6 +195,7 @@ def tune(
             ms = measure(knob, label, tiles, backward)
             if ms is not None and (best_ms is None or ms < best_ms):
                 best, best_ms = tiles, ms
+        on_knob(best, trials)
         return best
 
     best = start
@@ -218,8 +222,11 @@ def tune(
     return best, trials
 
 
-def tuning_record(problem: Problem, start: LogprobTiles, best: LogprobTiles, trials: list[Trial]) -> dict[str, Any]:
-    """The JSON a tuning file holds: ``tiles`` (what ``load_tiles`` reads) plus where and how they were found."""
+def tuning_record(
+    problem: Problem, start: LogprobTiles, best: LogprobTiles, trials: list[Trial], complete: bool = True
+) -> dict[str, Any]:
+    """The JSON a tuning file holds: ``tiles`` (what ``load_tiles`` reads) plus where and how they were found
+    (``complete``: false while the descent has knobs left)."""
     device = problem.hidden.device
     n, h = problem.hidden.shape
     return {
@@ -230,6 +237,7 @@ def tuning_record(problem: Problem, start: LogprobTiles, best: LogprobTiles, tri
         "shape": {"n": n, "h": h, "v": problem.weight.shape[0]},
         "versions": {"torch": torch.__version__, "triton": triton.__version__},
         "tiles": best.to_dict(),
+        "complete": complete,
         "start_tiles": start.to_dict(),
         "trials": [dataclasses.asdict(t) for t in trials],
     }
@@ -260,14 +268,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     problem = Problem.random(args.n, args.h, args.v, dtype, device)
     start = select_tiles(device, dtype)
     budget = int(args.max_workspace_mb * 2**20) if args.max_workspace_mb is not None else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(best: LogprobTiles, trials: list[Trial], complete: bool) -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(tuning_record(problem, start, best, trials, complete), indent=1) + "\n")
+        tmp.replace(out)
+
     best, trials = tune(
         problem, start, repeats=args.repeats, kernels=args.kernels, max_workspace_bytes=budget,
-        log=lambda line: print(line, flush=True),
+        log=lambda line: print(line, flush=True), on_knob=lambda best, trials: write(best, trials, False),
     )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(tuning_record(problem, start, best, trials), indent=1) + "\n")
-    tmp.replace(out)
+    write(best, trials, True)
     print(f"wrote {out}", file=sys.stderr)
 
 

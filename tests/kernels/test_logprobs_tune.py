@@ -132,7 +132,33 @@ def test_cli_writes_a_file_load_tiles_reads(tmp_path) -> None:
     assert record["start_tiles"] == START.to_dict()
     assert {t["knob"] for t in record["trials"]} >= {"fwd.tile", "dh.tile", "chunk_bytes"}
     assert load_tiles(out) == LogprobTiles.from_dict(record["tiles"])
-    assert not out.with_suffix(".tmp").exists()
+    assert record["complete"] is True and not out.with_suffix(".tmp").exists()
+
+
+def test_cli_leaves_the_best_tiles_so_far_when_stopped(tmp_path, monkeypatch) -> None:
+    """A tune killed by a time limit after its first knob still leaves a file load_tiles reads."""
+    out = tmp_path / "tiles.json"
+    knobs_done: list[str] = []
+
+    def measure_or_stop(fn, device, repeats):
+        if knobs_done:
+            raise KeyboardInterrupt  # stands in for the kill: after the first knob's file was written
+        return 1.0
+
+    real_tune = logprobs_tune.tune
+
+    def tune_recording(*args, on_knob, **kwargs):
+        return real_tune(*args, on_knob=lambda best, trials: (on_knob(best, trials), knobs_done.append("x")), **kwargs)
+
+    monkeypatch.setattr(logprobs_tune, "time_ms", measure_or_stop)
+    monkeypatch.setattr(logprobs_tune, "tune", tune_recording)
+    argv = ["--device", DEVICE.type, "--out", str(out), "--n", "20", "--h", "24", "--v", "50", "--dtype", "float32",
+            "--repeats", "1", "--kernels", "fwd"]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        logprobs_tune.main(argv)
+    record = json.loads(out.read_text())
+    assert record["complete"] is False and {t["knob"] for t in record["trials"]} == {"fwd.tile"}
+    assert load_tiles(out) == LogprobTiles.from_dict(record["tiles"])
 
 
 def test_cli_errors(tmp_path, capsys) -> None:
