@@ -58,8 +58,8 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import PreTrainedTokenizerBase
 
 from bao_fast.cli import RunError
+from bao_fast.train.collectives import gather_objects
 from bao_fast.train.fsdp import Policy
-from bao_fast.train.runtime import gather_objects
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STALE_DIR = re.compile(r"^\.(?:tmp|del)-step-(\d+)$")
@@ -302,14 +302,15 @@ def save_checkpoint(
 
 
 def _damaged(path: Path, problem: str, what: str = "is damaged") -> CheckpointError:
-    older = [p for s, p in _step_dirs(path.parent) if s < _step_of(path)]
+    older = [p for s, p in _step_dirs(path.parent) if s < checkpoint_step(path)]
     fallback = (f"delete {path} to resume from the previous checkpoint {older[-1]}" if older
                 else "no earlier checkpoint exists")
     return CheckpointError(f"checkpoint {path} {what}: {problem}; {fallback}, or start over with "
                            "checkpoint.resume=false")
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint directory ``path`` (``step-N``), or -1 for another name."""
     m = _STEP_DIR.match(path.name)
     return int(m.group(1)) if m else -1
 

@@ -7,7 +7,8 @@ warning) only record that they arrived. The trainers ask :meth:`StopSignals.agre
 max-reduce over the ranks, so that every rank decides the same even when the signal reached them at different
 moments. They then save a checkpoint of that step and raise :class:`StopRequested`, which the command line
 turns into one line and exit status 128 + the signal's number (143 for SIGTERM, the shell's convention for a
-process that signal ended). Rerunning the command resumes from that checkpoint.
+process that signal ended). Rerunning the command resumes from that checkpoint. A signal during SFT's last
+step or its export stops the run once the SFT model is exported, before RL starts.
 
 The step must end within the launcher's grace period: ``torchrun --shutdown-timeout`` (30 s by default)
 before its SIGKILL, SLURM's ``KillWait``, or the lead time of ``--signal=USR1@<seconds>`` (``torchrun``
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from bao_fast.cli import StopRequested
-from bao_fast.train.runtime import max_over_ranks
+from bao_fast.train.collectives import max_over_ranks
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -63,7 +64,8 @@ def stop_signals() -> Iterator[StopSignals]:
             signal.signal(sig, handler)
 
 
-def stop_requested(stage: str, step: int, signum: signal.Signals, checkpoint: str) -> StopRequested:
-    """The exception a trainer raises once it saved ``checkpoint`` after ``step`` of ``stage`` on ``signum``."""
-    return StopRequested(f"{stage} stopped after step {step} on {signum.name}: checkpoint {checkpoint} saved; "
-                         "rerun the command to resume", signum)
+def stop_requested(stage: str, step: int, signum: signal.Signals, saved: str) -> StopRequested:
+    """The exception a trainer raises once it stopped after ``step`` of ``stage`` on ``signum``, having
+    ``saved`` (e.g. ``checkpoint <path> saved``)."""
+    return StopRequested(f"{stage} stopped after step {step} on {signum.name}: {saved}; rerun the command to resume",
+                         signum)

@@ -64,6 +64,7 @@ from bao_fast.train.checkpoint import (
     resume_message,
     save_checkpoint,
 )
+from bao_fast.train.collectives import gather_objects, lockstep, sum_over_ranks
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
@@ -73,17 +74,13 @@ from bao_fast.train.runtime import (
     CHECKPOINT_DIR,
     EVALS_FILE,
     FINAL_MODEL_DIR,
-    RL_OUTPUTS,
     TaskSampler,
     check_world_size,
     config_tasks,
     derive_seed,
-    gather_objects,
     initial_model,
-    lockstep,
     seed_everything,
     start_run,
-    sum_over_ranks,
 )
 from bao_fast.train.sft import train_sft
 
@@ -588,7 +585,7 @@ def train_rl(
                     saved = save_checkpoint(run_dir / CHECKPOINT_DIR, state.step, s.policy, s.optimizer,
                                             _trainer_state(s, state), keep_last=cfg.checkpoint.keep_last)
                 if signum is not None:
-                    raise stop_requested("RL", state.step, signum, str(saved))
+                    raise stop_requested("RL", state.step, signum, f"checkpoint {saved} saved")
                 if stop_after is not None and state.step >= stop_after:
                     return state.evals
         if cfg.checkpoint.export_hf:
@@ -604,13 +601,9 @@ def train_rl(
 
 
 def train(cfg: Config, *, stop_after: int | None = None) -> list[dict[str, Any]]:
-    """The whole pipeline of one config: initial model -> SFT (when enabled) -> BAO RL. With
-    ``checkpoint.resume=false`` the RL stage's outputs go first (SFT clears its own): a run killed during
-    SFT must not later resume RL from an older run's checkpoints."""
+    """The whole pipeline of one config: initial model -> SFT (when enabled) -> BAO RL (:func:`start_run`
+    first clears an earlier run's outputs when ``checkpoint.resume=false``)."""
     env = start_run(cfg, "train")
-    run_dir = Path(cfg.run_dir)
-    if not cfg.checkpoint.resume:
-        remove_outputs([run_dir / name for name in RL_OUTPUTS])
     model_path = initial_model(cfg, env)
     tokenizer = load_tokenizer(model_path)
     if cfg.sft.enabled:

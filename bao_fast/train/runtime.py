@@ -1,12 +1,12 @@
-"""Pieces both trainers share: seeding, the resumable task sampler, the initial model, and the small
-collectives that keep ranks in lock-step (FSDP needs every rank to run the same number of forwards)."""
+"""Pieces both trainers share: seeding, the resumable task sampler, the initial model, and the start of a
+run (preflight checks, the run_dir lock, clearing an earlier run's outputs, the saved config)."""
 
 from __future__ import annotations
 
 import hashlib
 import random
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +20,10 @@ from bao_fast.models import TinyModelSpec, create_tiny_model
 from bao_fast.models.tiny import TINY_SPEC_FILE
 from bao_fast.rollout.engine import missing_engine
 from bao_fast.rollout.tp_group import check_tp_size
+from bao_fast.train.checkpoint import checkpoint_step, latest_checkpoint, remove_outputs
+from bao_fast.train.collectives import gather_objects
 from bao_fast.train.fsdp import DistEnv, attention_problem, init_distributed
-
-T = TypeVar("T")
+from bao_fast.train.run_lock import lock_run_dir
 
 
 def derive_seed(*parts: int) -> int:
@@ -130,18 +131,20 @@ RL_OUTPUTS = (CHECKPOINT_DIR, FINAL_MODEL_DIR, EVALS_FILE)
 
 
 def start_run(cfg: Config, stage: str) -> DistEnv:
-    """Join the process group, check what only the run can check (:func:`preflight`), then (rank 0) create
-    ``run_dir`` and write the run's ``config.yaml``, which every rank must then see (:func:`unshared_run_dir`).
+    """Join the process group, check what only the run can check (:func:`preflight`), lock ``run_dir``
+    (:func:`lock_run_dir`), delete an earlier run's outputs unless ``checkpoint.resume`` (:func:`stale_outputs`),
+    then (rank 0) write the run's ``config.yaml``, which every rank must then see (:func:`unshared_run_dir`).
     ``stage``: ``sft`` or ``train`` (SFT, then RL)."""
     env = init_distributed()
-    problem = preflight(cfg, env.world_size, stage) if env.is_main else None
+    problem = (preflight(cfg, env.world_size, stage) or lock_run_dir(cfg.run_dir)) if env.is_main else None
     if env.world_size > 1:
         problem = gather_objects(problem)[0]
     if problem is not None:
         raise ConfigError(problem)
+    if not cfg.checkpoint.resume:
+        remove_outputs(Path(cfg.run_dir) / name for name in stale_outputs(cfg, stage))
     config_file = Path(cfg.run_dir) / CONFIG_FILE
     if env.is_main:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, config_file)
     if env.world_size > 1:
         gather_objects(None)  # a barrier: rank 0 has written the file before any rank reads it
@@ -149,6 +152,16 @@ def start_run(cfg: Config, stage: str) -> DistEnv:
         if problem is not None:
             raise ConfigError(problem)
     return env
+
+
+def stale_outputs(cfg: Config, stage: str) -> tuple[str, ...]:
+    """What a run that starts over (``checkpoint.resume=false``) deletes from ``run_dir`` before it writes its
+    ``config.yaml``, which would otherwise vouch for them: a run killed before it saves anything must not leave
+    an earlier run's checkpoints for a later resume to continue. SFT's outputs are kept where ``train`` runs
+    without SFT (``sft-model`` may be the model it starts from)."""
+    if stage == "train" and not cfg.sft.enabled:
+        return RL_OUTPUTS
+    return (SFT_CHECKPOINT_DIR, SFT_MODEL_DIR, *RL_OUTPUTS)
 
 
 def _digest(path: Path) -> str | None:
@@ -170,7 +183,7 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
     """Why ``cfg`` cannot run (as a ConfigError message), or None; checked before anything is written: the
     training forward's attention, the starting checkpoint, the gym's tasks, the models of the OpenAI-compatible
     servers, RL's rollout engine and world size, and that a resumed ``run_dir`` holds a run of the same config
-    (up to ``RESUME_SAFE_KEYS``)."""
+    (up to ``RESUME_SAFE_KEYS``) that has not trained past ``train.steps``."""
     try:
         if (problem := attention_problem(cfg.model.attn_implementation)) is not None:
             raise ConfigError(f"config key 'model.attn_implementation': {problem}")
@@ -186,6 +199,8 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
                                   "transformers instead")
             check_world_size(cfg, world_size)
             config_tasks(cfg, "test", min(cfg.env.num_eval_tasks, cfg.eval.num_tasks), "env.num_eval_tasks")
+            if cfg.checkpoint.resume:
+                check_rl_length(cfg)
     except ConfigError as exc:
         return str(exc)
     run_dir = Path(cfg.run_dir)
@@ -198,6 +213,16 @@ def preflight(cfg: Config, world_size: int, stage: str) -> str | None:
     changes = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in conflicts[:5])
     return (f"config key '{conflicts[0][0]}': run_dir {str(run_dir)!r} holds a run with another config ({changes}); "
             "rerun with its config to resume it, or start over with checkpoint.resume=false or a new run_dir")
+
+
+def check_rl_length(cfg: Config) -> None:
+    """ConfigError naming ``train.steps`` when ``run_dir`` holds an RL checkpoint past it: resuming would train
+    nothing and export a later step's model as the result of a shorter run."""
+    latest = latest_checkpoint(Path(cfg.run_dir) / CHECKPOINT_DIR)
+    if latest is not None and (step := checkpoint_step(latest)) > cfg.train.steps:
+        raise ConfigError(f"config key 'train.steps' ({cfg.train.steps}): run_dir {cfg.run_dir!r} holds the RL "
+                          f"checkpoint {str(latest)!r} of step {step}; resume with train.steps >= {step}, or start "
+                          "over with checkpoint.resume=false or a new run_dir")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
@@ -235,47 +260,3 @@ def initial_model(cfg: Config, env: DistEnv) -> Path:
         create_tiny_model(path, spec=tiny_spec(cfg.model), seed=cfg.seed)
     dist.barrier()
     return path
-
-
-def max_over_ranks(value: int) -> int:
-    """The largest ``value`` of all ranks."""
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
-    return int(t.item())
-
-
-def sum_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise sum of ``values`` over ranks (float64, on the CPU)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=_cpu_group())
-    return t.tolist()
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order."""
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=_cpu_group())
-    return out
-
-
-_GLOO: Any = None
-
-
-def _cpu_group() -> Any:
-    """A gloo group for small host-side collectives (the default group when it already is gloo)."""
-    global _GLOO
-    if dist.get_backend() == "gloo":
-        return None
-    if _GLOO is None:
-        _GLOO = dist.new_group(backend="gloo")
-    return _GLOO
-
-
-def lockstep(items: list[T]) -> list[tuple[T, float]]:
-    """Pad this rank's work items (micro-batches, trajectory ranges) to the largest count over ranks with
-    zero-weight repeats of the first, so every rank runs the same number of FSDP forwards/backwards.
-    Returns ``(item, weight)`` pairs: 1.0 for real work, 0.0 for padding. ``items`` must not be empty."""
-    if not items:
-        raise ValueError("lockstep: items is empty; every rank needs at least one trajectory")
-    count = max_over_ranks(len(items))
-    return [(items[i], 1.0) if i < len(items) else (items[0], 0.0) for i in range(count)]

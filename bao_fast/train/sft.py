@@ -50,6 +50,7 @@ from bao_fast.train.checkpoint import (
     resume_message,
     save_checkpoint,
 )
+from bao_fast.train.collectives import lockstep, sum_over_ranks
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
@@ -61,10 +62,8 @@ from bao_fast.train.runtime import (
     SFT_MODEL_DIR,
     derive_seed,
     initial_model,
-    lockstep,
     seed_everything,
     start_run,
-    sum_over_ranks,
 )
 from bao_fast.train.sft_data import SFT_DATA_FILE, Segments, data_digest, sft_episodes, to_segments
 
@@ -270,11 +269,13 @@ def train_sft(
                     saved = save_checkpoint(root, state.step, s.policy, s.optimizer, _trainer_state(s, state),
                                             keep_last=cfg.checkpoint.keep_last)
                 if signum is not None:
-                    raise stop_requested("SFT", state.step, signum, str(saved))
+                    raise stop_requested("SFT", state.step, signum, f"checkpoint {saved} saved")
                 if stop_after is not None and state.step >= stop_after:
                     return None
-        export_hf(s.policy, tokenizer, out)
-        remove_outputs([root])  # only an unfinished SFT resumes from them
+            export_hf(s.policy, tokenizer, out)
+            remove_outputs([root])  # only an unfinished SFT resumes from them
+            if (signum := signals.agreed()) is not None:  # it came in the last step or the export: RL must not start
+                raise stop_requested("SFT", state.step, signum, f"the SFT model {out} exported")
     finally:
         logger.close()
     return out

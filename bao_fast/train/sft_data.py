@@ -33,7 +33,8 @@ from bao_fast.envs.teachers.llm_teacher import LLMTeacher
 from bao_fast.envs.user_client import UserSimulatorClient
 from bao_fast.eval.evaluate import gym_factory
 from bao_fast.rollout import ChatFormat
-from bao_fast.train.runtime import config_tasks, derive_seed, gather_objects
+from bao_fast.train.collectives import gather_objects
+from bao_fast.train.runtime import config_tasks, derive_seed
 
 Segments = list[tuple[str, list[int]]]
 Messages = list[dict[str, str]]

@@ -29,9 +29,9 @@ from bao_fast.data.segments import pack_segments
 from bao_fast.models import load_tokenizer
 from bao_fast.rollout.tp_group import contiguous_share
 from bao_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from bao_fast.train.collectives import sum_over_ranks
 from bao_fast.train.fsdp import DistEnv, init_distributed, load_policy
 from bao_fast.train.optim import build_optimizer, clip_grad_norm
-from bao_fast.train.runtime import sum_over_ranks
 
 
 def full_params(policy: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from bao_fast.config import load_config
 from bao_fast.envs.teachers.episode import TeacherEpisode
 from bao_fast.train import sft_data
-from bao_fast.train.runtime import gather_objects
+from bao_fast.train.collectives import gather_objects
 
 
 class SeedTeacher:

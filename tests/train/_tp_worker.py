@@ -25,9 +25,10 @@ from bao_fast.envs.base import Gym, StepResult, ToolCall
 from bao_fast.models import load_tokenizer
 from bao_fast.rollout import Trajectory
 from bao_fast.train import rl
+from bao_fast.train.collectives import gather_objects
 from bao_fast.train.fsdp import shutdown_distributed
 from bao_fast.train.logging import NonFiniteGuard
-from bao_fast.train.runtime import TaskSampler, derive_seed, gather_objects, initial_model, start_run
+from bao_fast.train.runtime import TaskSampler, derive_seed, initial_model, start_run
 
 GYM_STEPS = 0
 

@@ -6,11 +6,14 @@ random-weight tiny model gets varied rewards (non-zero GRPO advantages) in a few
 from argv[1] (JSON: {"config": path | null, "overrides": [...], "stop_after": int | null, "stage": ...}) and,
 on rank 0, writes {"evals": ...} (or {"model": path | null}) and "world_size" to argv[2]. A run stopped by a
 signal (``StopRequested``) writes {"stopped": message} and exits like the command line, with 128 + the signal.
+"signal_at_sft_export": a signal name the process sends itself as SFT's export begins (the end of its last step).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from typing import Any
 
@@ -20,8 +23,8 @@ from bao_fast.cli import StopRequested
 from bao_fast.config import load_config
 from bao_fast.envs import GYMS, TASKS
 from bao_fast.envs.base import Gym, Outcome, StepResult, ToolCall
+from bao_fast.train import sft
 from bao_fast.train.rl import train
-from bao_fast.train.sft import run_sft
 
 
 class CoinGym(Gym):
@@ -49,15 +52,27 @@ def coin_tasks(split: str, n: int | None, level: Any, seed: int, path: str | Non
     return [f"{split}-{seed}-{i}" for i in range(n or 8)]
 
 
+def signal_at_sft_export(signum: signal.Signals) -> None:
+    export = sft.export_hf
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signum)
+        return export(*args, **kwargs)
+
+    sft.export_hf = signalled
+
+
 def main() -> int:
     GYMS["coin"] = CoinGym
     TASKS["coin"] = coin_tasks
     spec = json.loads(sys.argv[1])
+    if spec.get("signal_at_sft_export"):
+        signal_at_sft_export(signal.Signals[spec["signal_at_sft_export"]])
     cfg = load_config(spec.get("config"), spec["overrides"])
     status = 0
     try:
         if spec.get("stage") == "sft":
-            model = run_sft(cfg, stop_after=spec.get("stop_after"))
+            model = sft.run_sft(cfg, stop_after=spec.get("stop_after"))
             result: dict[str, Any] = {"model": model and str(model)}
         else:
             result = {"evals": train(cfg, stop_after=spec.get("stop_after"))}

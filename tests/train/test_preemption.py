@@ -25,7 +25,7 @@ from bao_fast.train.checkpoint import latest_checkpoint
 from bao_fast.train.logging import read_jsonl
 from bao_fast.train.preemption import STOP_SIGNALS, stop_requested, stop_signals
 
-from .conftest import run_worker, worker_command
+from .conftest import run_worker, worker_command, worker_process
 from .test_sft_resume import sft_args, stable
 from .test_train import BASE as RL_BASE
 
@@ -63,7 +63,7 @@ def test_the_command_line_exits_with_128_plus_the_signal(
     sig: signal.Signals, status: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def stopped(args: object) -> int:
-        raise stop_requested("RL", 7, sig, "runs/x/checkpoints/step-000007")
+        raise stop_requested("RL", 7, sig, "checkpoint runs/x/checkpoints/step-000007 saved")
 
     monkeypatch.setattr(rl, "run", stopped)
     assert cli.main(["train", "--config", "unused.yaml"]) == status
@@ -132,3 +132,20 @@ def test_rl_on_two_ranks_stopped_by_sigterm_to_torchrun_saves_its_step_and_resum
     assert f"resuming RL after step {step} from {checkpoint}" in resumed.stderr
     assert [r["step"] for r in read_jsonl(run_dir / "train.jsonl") if "reward" in r] == list(range(1, step + 2))
     assert (run_dir / "final-model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_signal_in_sfts_last_step_stops_train_after_the_export_before_rl(tmp_path: Path) -> None:
+    """SIGTERM at the end of SFT's last step (as its export begins) in ``train``: the export completes, and the
+    run stops there instead of dropping the signal and starting RL."""
+    run_dir = tmp_path / "run"
+    spec = {**json.loads(sft_args(run_dir)[0]), "stage": "train", "signal_at_sft_export": "SIGTERM"}
+    spec["overrides"] += ["rollout.engine=hf", "train.steps=1"]  # bounded, should RL start after all
+    proc = worker_process("_train_worker.py", [json.dumps(spec), str(run_dir.with_suffix(".json"))])
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.stdout + proc.stderr)[-4000:]
+    last = stable(run_dir)[-1]["step"]
+    assert (f"bao-fast: SFT stopped after step {last} on SIGTERM: the SFT model {run_dir / 'sft-model'} exported; "
+            "rerun the command to resume") in proc.stderr
+    assert (run_dir / "sft-model" / "model.safetensors").is_file()
+    assert not (run_dir / "sft-checkpoints").exists()
+    assert not (run_dir / "train.jsonl").exists() and not (run_dir / "checkpoints").exists()

@@ -3,6 +3,8 @@ the checks a run makes before it writes anything."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -12,7 +14,7 @@ from bao_fast.envs import TASKS, make_tasks
 from bao_fast.models import create_tiny_model
 from bao_fast.models.tiny import TINY_SPEC_FILE
 from bao_fast.rollout import engine as rollout_engine
-from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, tiny_spec, unshared_run_dir
+from bao_fast.train.runtime import CONFIG_FILE, config_tasks, preflight, start_run, tiny_spec, unshared_run_dir
 
 
 def test_tiny_spec_follows_config() -> None:
@@ -112,6 +114,59 @@ def test_preflight_checks_the_world_size_the_model_and_a_resumed_run_dir(tmp_pat
     tp = preflight(load_config(None, [*base, "rollout.tensor_parallel_size=2"]), 2, "train")  # samples other seeds
     assert tp.startswith("config key 'rollout.tensor_parallel_size': run_dir")
     assert preflight(load_config(None, [*base, "algo.name=grpo", "checkpoint.resume=false"]), 1, "train") is None
+
+
+def test_preflight_refuses_train_steps_below_the_latest_rl_checkpoint(tmp_path) -> None:
+    """Resuming would train nothing and export step 5's model as the result of a 3-step run."""
+    base = ["model.tiny=true", f"run_dir={tmp_path}", "rollout.engine=hf"]
+    (tmp_path / "checkpoints" / "step-000005").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".tmp-step-000009").mkdir()  # incomplete: not a step the run reached
+    problem = preflight(load_config(None, [*base, "train.steps=3"]), 1, "train")
+    assert problem == (f"config key 'train.steps' (3): run_dir {str(tmp_path)!r} holds the RL checkpoint "
+                       f"{str(tmp_path / 'checkpoints' / 'step-000005')!r} of step 5; resume with train.steps >= 5, "
+                       "or start over with checkpoint.resume=false or a new run_dir")
+    assert preflight(load_config(None, [*base, "train.steps=5"]), 1, "train") is None  # the export is redone
+    assert preflight(load_config(None, [*base, "train.steps=3", "checkpoint.resume=false"]), 1, "train") is None
+    assert preflight(load_config(None, [*base, "train.steps=3"]), 1, "sft") is None  # SFT does not read them
+
+
+EARLIER_OUTPUTS = ("sft-checkpoints/step-000002", "sft-model", "checkpoints/step-000004", "final-model")
+
+
+def earlier_run(run_dir: Path) -> None:
+    """What an earlier run left in ``run_dir``: SFT and RL checkpoints and exports, evals, its SFT data."""
+    for name in EARLIER_OUTPUTS:
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "marker").write_text("earlier run")
+    (run_dir / "evals.json").write_text("[]")
+    (run_dir / "sft-data.jsonl").write_text("{}")
+
+
+@pytest.mark.usefixtures("single_rank_world")
+@pytest.mark.parametrize(("stage", "sft", "kept"), [
+    ("train", True, ["sft-data.jsonl"]),
+    ("sft", True, ["sft-data.jsonl"]),
+    ("train", False, ["sft-checkpoints", "sft-data.jsonl", "sft-model"]),  # sft-model may be the starting model
+])
+def test_start_run_over_an_earlier_run_clears_its_outputs_before_writing_the_config(
+    tmp_path: Path, stage: str, sft: bool, kept: list[str]
+) -> None:
+    """A run that starts over and is killed before it saves anything leaves no earlier checkpoint that its
+    config.yaml would vouch for on a later resume; the SFT data carries its own source check and stays."""
+    earlier_run(tmp_path)
+    cfg = load_config(None, ["model.tiny=true", f"run_dir={tmp_path}", "rollout.engine=hf", f"sft.enabled={sft}",
+                             "checkpoint.resume=false"])
+    start_run(cfg, stage)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([*kept, CONFIG_FILE])
+    assert load_config(str(tmp_path / CONFIG_FILE), []) == cfg
+
+
+@pytest.mark.usefixtures("single_rank_world")
+def test_start_run_that_resumes_keeps_the_earlier_outputs(tmp_path: Path) -> None:
+    earlier_run(tmp_path)
+    start_run(load_config(None, ["model.tiny=true", f"run_dir={tmp_path}", "rollout.engine=hf"]), "train")
+    assert all((tmp_path / name / "marker").is_file() for name in EARLIER_OUTPUTS)
+    assert (tmp_path / "evals.json").is_file()
 
 
 def test_preflight_refuses_the_vllm_engine_where_vllm_is_not_installed(tmp_path, monkeypatch) -> None:
