@@ -59,7 +59,9 @@ class EnvConfig:
     Turtle's judge); ``user_thinking: false`` asks the server to skip the model's
     thinking (``chat_template_kwargs.enable_thinking``, as vLLM / SGLang serve Qwen3). ``max_turns`` (the
     turn budget T, also ``algo.shaping.horizon``) defaults to the gym's own: 15 for Function and Turtle, 12 for
-    Telepathy and Twenty Questions, 10 for Intention."""
+    Telepathy and Twenty Questions, 10 for Intention. ``num_train_tasks`` / ``num_eval_tasks``: tasks taken from
+    the train / test split (generated ones from ``seed``, at difficulty ``level`` where the gym has levels;
+    evaluation uses the first ``min(num_eval_tasks, eval.num_tasks)``)."""
 
     name: str = "function"
     level: int = 1
@@ -84,7 +86,15 @@ class RolloutConfig:
     engine's sampling log-probs, no forward). ``tensor_parallel_size`` (vLLM only; must divide the world size,
     checked at start-up): consecutive ranks share one tensor-parallel engine and roll out the same prompts (the
     group's first rank steps the gyms and broadcasts the results); the trajectories are then split over the
-    group's ranks by whole GRPO groups, and FSDP still trains data-parallel over all ranks."""
+    group's ranks by whole GRPO groups, and FSDP still trains data-parallel over all ranks.
+
+    Sampling: ``prompts_per_step`` tasks per RL step, each played ``group_size`` times (a GRPO group), at
+    ``temperature`` / ``top_p``, each assistant turn at most ``max_turn_tokens`` tokens; ``env_workers``
+    threads step the gyms (and wait on a user simulator) concurrently. vLLM resources: on a GPU its KV cache
+    gets ``gpu_memory_utilization`` of the device, and between rollouts it sleeps (``sleep_level`` 1 offloads
+    its weights to host memory, 2 discards them); ``enforce_eager`` skips CUDA graphs. On the CPU its KV cache
+    is ``cpu_kv_cache_gib`` GiB (the ``VLLM_CPU_KVCACHE_SPACE`` environment variable, in GiB, overrides it).
+    Weight sync gathers the policy's weights into the engine in buckets of ``weight_sync_bucket_mb`` MiB."""
 
     engine: Literal["vllm", "hf"] = "vllm"
     group_size: int = 8
@@ -194,7 +204,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """JSONL metrics always; rich progress, TensorBoard and wandb optional."""
+    """JSONL metrics always; a rich progress bar (``progress``, rank 0), TensorBoard and wandb optional."""
 
     progress: bool = True
     tensorboard: bool = False

@@ -19,7 +19,9 @@ KL_TYPES: tuple[str, ...] = ("k1", "k2", "k3")
 @dataclass(frozen=True)
 class LossConfig:
     """Options of ``bao_fast.ops.clipped_ratio_loss`` (the release: symmetric 0.2 clip, dual clip 3,
-    no KL, token-mean). ``norm_length`` is required by ``seq-mean-token-sum-norm``."""
+    no KL, token-mean). ``norm_length`` is required by ``seq-mean-token-sum-norm``. ``kl_coef > 0`` makes RL
+    load a second, frozen copy of the starting model as the KL reference (its memory, and one more forward per
+    mini-batch)."""
 
     clip_low: float = 0.2
     clip_high: float = 0.2
