@@ -185,7 +185,8 @@ def _shaped_advantages_op(
     if turn_rewards.device.type == "cuda":
         from bao_fast.kernels.advantages import shaped_advantages_triton
 
-        return shaped_advantages_triton(*(a.contiguous() for a in args), cfg)
+        with torch.cuda.device(turn_rewards.device):  # Triton launches on the current device, not the tensors'
+            return shaped_advantages_triton(*(a.contiguous() for a in args), cfg)
     return tuple(shaped_advantages_torch(*args, cfg))
 
 

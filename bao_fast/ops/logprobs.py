@@ -8,6 +8,7 @@ the public function is differentiable and traceable by ``torch.compile`` without
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,10 +34,11 @@ def _fwd_op(
     if hidden.is_cuda:
         from bao_fast.kernels.logprobs import logprobs_forward
 
-        fwd = logprobs_forward
+        fwd, device = logprobs_forward, torch.cuda.device(hidden.device)  # Triton launches on the current device
     else:
-        fwd = chunked_forward
-    with torch.autocast(hidden.device.type, enabled=False):  # an enclosing autocast would run the GEMMs in 16 bits
+        fwd, device = chunked_forward, contextlib.nullcontext()
+    # an enclosing autocast would run the GEMMs in 16 bits
+    with device, torch.autocast(hidden.device.type, enabled=False):
         return fwd(
             hidden, weight, bias, targets, target_rows,
             temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
@@ -73,10 +75,10 @@ def _bwd_op(
     if hidden.is_cuda:
         from bao_fast.kernels.logprobs import logprobs_backward
 
-        bwd = logprobs_backward
+        bwd, device = logprobs_backward, torch.cuda.device(hidden.device)
     else:
-        bwd = chunked_backward
-    with torch.autocast(hidden.device.type, enabled=False):
+        bwd, device = chunked_backward, contextlib.nullcontext()
+    with device, torch.autocast(hidden.device.type, enabled=False):
         dh, dw, db = bwd(
             grad_logp, grad_entropy, hidden, weight, bias, targets, target_rows, lse, entropy,
             temperature=temperature, ignore_index=ignore_index, need_dhidden=need_dhidden, need_dweight=need_dweight,

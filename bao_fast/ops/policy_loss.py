@@ -205,7 +205,8 @@ def _clipped_ratio_loss_op(
     if logp.device.type == "cuda":
         from bao_fast.kernels.policy_loss import clipped_ratio_loss_triton
 
-        return clipped_ratio_loss_triton(*(a.contiguous() if a is not None else None for a in args), *options)
+        with torch.cuda.device(logp.device):  # Triton launches on the current device, not the tensors'
+            return clipped_ratio_loss_triton(*(a.contiguous() if a is not None else None for a in args), *options)
     return clipped_ratio_loss_torch(*args, *options)
 
 
