@@ -125,20 +125,21 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     cfg, env, r, tp = s.cfg, s.env, s.cfg.rollout, s.tp_group
     step_seed = derive_seed(cfg.seed, 5, state.step, tp.index)  # the same on the ranks of a TP group
     seed_everything(step_seed)
+    reset_peak_memory(env)
     times: dict[str, float] = {}
 
     # 1. prompts: every rank draws the same global list, then its tensor-parallel group keeps its share
     task_ids = tp.group_share(state.sampler.next(r.prompts_per_step))
 
     # 2. rollouts on the current weights (identical on the ranks of a TP group), then this rank's share
-    t0 = time.perf_counter()
+    t0 = phase_clock(env.device)
     sync_engine(s)
-    times["sync"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    times["sync"] = phase_clock(env.device) - t0
+    t0 = phase_clock(env.device)
     trajectories = rollout(s, [s.train_tasks[i] for i in task_ids], task_ids, step_seed, r.group_size,
                            temperature=r.temperature)
     s.engine.sleep()
-    times["generate"] = time.perf_counter() - t0
+    times["generate"] = phase_clock(env.device) - t0
     tp.check_identical([(t.input_ids, t.turn_rewards, t.turn_choices, t.end_reason) for t in trajectories])
     trajectories = tp.member_share(trajectories)  # task-major: whole GRPO groups (tasks per group % tp == 0)
 
@@ -147,7 +148,7 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
 
     # 4. old (and reference) log-probs, row-aligned: row t scores token t+1 (recompute: the first
     # mini-batch's come from its first training forward, see policy_update)
-    t0 = time.perf_counter()
+    t0 = phase_clock(env.device)
     cuts = minibatch_cuts(cfg, batch)
     if r.old_logprobs == "engine":
         old_logp = engine_row_logprobs(trajectories, batch)
@@ -155,8 +156,8 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
         old_logp = forward_logprobs(s.policy, batch, r.temperature, cfg.train.micro_batch_tokens, start=cuts[1])
     ref_logp = None
     if s.ref_policy is not None:
-        ref_logp = forward_logprobs(s.ref_policy, batch, r.temperature, cfg.train.micro_batch_tokens)
-    times["logprob"] = time.perf_counter() - t0
+        ref_logp = reference_logprobs(s.ref_policy, batch, r.temperature, cfg.train.micro_batch_tokens)
+    times["logprob"] = phase_clock(env.device) - t0
 
     # 5. BAO shaped advantages (penalties -> turn credits -> scores -> group normalisation -> tokens)
     shaped = shaped_advantages(
@@ -170,9 +171,9 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     zero_gym_error_advantages(shaped.token_advantages, trajectories, batch)
 
     # 6. PPO epochs over mini-batches of prompts, micro-batched by token budget
-    t0 = time.perf_counter()
+    t0 = phase_clock(env.device)
     update = policy_update(s, state, batch, cuts, old_logp, shaped.token_advantages, ref_logp)
-    times["update"] = time.perf_counter() - t0
+    times["update"] = phase_clock(env.device) - t0
 
     metrics = rollout_metrics(trajectories, batch, env)
     metrics.update(update)
@@ -256,6 +257,15 @@ def forward_logprobs(
             if weight:
                 out[offsets[a] : offsets[b]] = logp
     return out
+
+
+def reference_logprobs(ref_policy: Policy, batch: PackedBatch, temperature: float, max_tokens: int) -> torch.Tensor:
+    """:func:`forward_logprobs` of the frozen KL reference, which is then resharded: FSDP keeps a root's
+    parameters (embeddings, LM head) gathered after its forward until a backward, which the reference never
+    runs, so they would stay whole on every rank through rollouts and updates."""
+    logp = forward_logprobs(ref_policy, batch, temperature, max_tokens)
+    ref_policy.reshard()
+    return logp
 
 
 def engine_row_logprobs(trajectories: list[Trajectory], batch: PackedBatch) -> torch.Tensor:
@@ -438,8 +448,24 @@ def rollout_metrics(trajectories: list[Trajectory], batch: PackedBatch, env: Dis
     }
 
 
+def phase_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has run: a GPU phase is timed to the end of
+    its kernels, not charged to the next phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peak_memory(env: DistEnv) -> None:
+    """Start :func:`peak_memory_gb`'s count afresh (GPU; the CPU's peak resident memory cannot be reset)."""
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+
+
 def peak_memory_gb(env: DistEnv) -> float:
-    """Peak accelerator memory (GPU) or peak resident host memory (CPU) of this process, in GiB."""
+    """In GiB: on a GPU, the most memory torch had allocated on it since :func:`reset_peak_memory` (each RL
+    step: the policy, optimiser, activations, and the rollout engine's weights and KV cache while it is awake);
+    on the CPU, the process's peak resident memory since it started."""
     if env.device.type == "cuda":
         return torch.cuda.max_memory_allocated(env.device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

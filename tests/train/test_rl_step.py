@@ -4,6 +4,7 @@ predicts), derived here independently from the fp64 reference over token-aligned
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -70,3 +71,19 @@ def test_update_gets_the_shaped_advantages_of_the_rollouts(monkeypatch: pytest.M
         expected[start : stop - 1] = per_token[start + 1 : stop]  # row t scores token t + 1 of its trajectory
     assert expected.abs().gt(0).sum() > 20 and (expected > 0).any() and (expected < 0).any()
     torch.testing.assert_close(captured["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_phase_clock_waits_for_the_gpu_and_the_peak_is_per_step() -> None:
+    device = torch.device("cuda")
+    torch.cuda.synchronize(device)
+    t0 = rl.phase_clock(device)
+    torch.cuda._sleep(100_000_000)  # tens of ms of GPU time, queued in microseconds
+    queued = time.perf_counter() - t0
+    assert rl.phase_clock(device) - t0 > max(0.01, 10 * queued)
+    env = SimpleNamespace(device=device)
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    del big
+    assert rl.peak_memory_gb(env) >= 0.25
+    rl.reset_peak_memory(env)
+    assert rl.peak_memory_gb(env) < 0.25
