@@ -30,6 +30,18 @@ def with_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def nvcc_arch_flags() -> list[str]:
+    """Machine code for sm_80 (A100; also runs on sm_86/sm_89) and sm_90a (H100/H200), plus sm_90 PTX that
+    the driver compiles for newer GPUs (Blackwell). ``TORCH_CUDA_ARCH_LIST`` set: torch's flags for that list."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    return [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+
+
 def extensions() -> list:
     cpp = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     cu = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
@@ -40,13 +52,7 @@ def extensions() -> list:
     # before the extension, so the extension's libgomp.so.1 dependency resolves to that same runtime.
     cxx = ["-O3", "-std=c++17", *OPENMP]
     if with_cuda() and cu:
-        nvcc = [
-            "-O3",
-            "-std=c++17",
-            "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90a,code=sm_90a",
-            "--expt-relaxed-constexpr",
-        ]
+        nvcc = ["-O3", "-std=c++17", *nvcc_arch_flags(), "--expt-relaxed-constexpr"]
         return [
             CUDAExtension(
                 "bao_fast._C",
