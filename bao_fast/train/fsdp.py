@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from bao_fast.config import ModelConfig
 from bao_fast.data.packed import PackedBatch
@@ -151,14 +152,24 @@ def attention_problem(name: str) -> str | None:
 def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
     """Load the HF checkpoint at ``path`` in float32 (master weights) and shard it over ``env.mesh``.
 
-    GPU: parameters computed in ``cfg.dtype`` with float32 gradient reduction, liger-kernel patches when
-    installed and ``cfg.use_liger``. CPU: float32 throughout. ``cfg.gradient_checkpointing`` recomputes
-    each decoder layer's activations in the backward pass. The model is in train mode (transformers only
-    checkpoints then) with every dropout off, so its log-probs are deterministic.
+    Only rank 0 reads the checkpoint into host memory; the other ranks build the model on the meta device
+    and receive their shards from rank 0 (:func:`_broadcast_from_rank0`), so a node's host memory holds one
+    float32 copy of the model, not one per GPU. GPU: parameters computed in ``cfg.dtype`` with float32
+    gradient reduction, liger-kernel patches when installed and ``cfg.use_liger``. CPU: float32 throughout.
+    ``cfg.gradient_checkpointing`` recomputes each decoder layer's activations in the backward pass. The
+    model is in train mode (transformers only checkpoints then) with every dropout off, so its log-probs are
+    deterministic.
     """
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, attn_implementation=cfg.attn_implementation
-    )
+    if env.is_main:
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation=cfg.attn_implementation
+        )
+    else:
+        config = AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+            )
     hf.config.use_cache = False
     disable_dropout(hf)
     hf.train()
@@ -168,7 +179,23 @@ def load_policy(path: str | Path, cfg: ModelConfig, env: DistEnv) -> Policy:
     if cfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(hf)
-    return shard_policy(policy, env, compute_dtype=compute_dtype(cfg, env))
+    if env.world_size == 1:
+        return shard_policy(policy, env, compute_dtype=compute_dtype(cfg, env))
+    full = policy.state_dict() if env.is_main else {}
+    shard_policy(policy, env, compute_dtype=compute_dtype(cfg, env))
+    _broadcast_from_rank0(policy, full, env)
+    return policy
+
+
+def _broadcast_from_rank0(policy: Policy, full: dict[str, Tensor], env: DistEnv) -> None:
+    """Give every rank rank 0's weights: ``full`` is rank 0's full state dict (empty elsewhere); the other
+    ranks' sharded policy is still on the meta device. Buffers outside the state dict (rotary frequencies)
+    come from rank 0 too."""
+    if not env.is_main:
+        policy.to_empty(device=env.device)
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in policy.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def compute_dtype(cfg: ModelConfig, env: DistEnv) -> torch.dtype:

@@ -11,8 +11,10 @@ import pytest
 
 from bao_fast.config import ModelConfig
 from bao_fast.data.segments import pack_segments
-from bao_fast.models.tiny import create_tiny_model
+from bao_fast.models.tiny import TinyModelSpec, create_tiny_model
 from bao_fast.train.fsdp import decoder_layers, init_distributed, load_policy
+
+from .conftest import run_worker
 
 pytestmark = pytest.mark.usefixtures("single_rank_world")
 
@@ -50,3 +52,15 @@ def test_policy_trains_without_dropout(model_dir: Path, batch) -> None:
     assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in policy.modules())
     first, second = policy(batch), policy(batch)
     assert first.abs().sum() > 0 and first.equal(second)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_two_ranks_read_the_checkpoint_once(tmp_path: Path, tied: bool) -> None:
+    """Rank 0 reads the checkpoint; rank 1 builds on the meta device and receives the weights and the rotary
+    buffers (outside the state dict) from rank 0: every gathered tensor equals the checkpoint's."""
+    model = create_tiny_model(tmp_path / "tiny", spec=TinyModelSpec(tie_word_embeddings=tied))
+    run_worker("_load_worker.py", [str(model), str(tmp_path)], nproc=2)
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["reads"] for r in results] == [1, 0]
+    assert [r["mismatches"] for r in results] == [[], []]
