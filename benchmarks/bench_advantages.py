@@ -13,7 +13,7 @@ the CPU the two coincide). Reports the median time, speed-up over the loop, effe
 the inputs and outputs / time; % of the H100's 3.35 TB/s on a GPU) and max abs difference to the loop.
 Writes ``benchmarks/results/shaped_advantages-<device>.json``.
 
-    python benchmarks/bench_advantages.py                 # PERF.md size on CUDA, reduced on the CPU
+    python benchmarks/bench_advantages.py     # CUDA: PERF.md's 4096 x 16 turns x 512 tokens; CPU: 256 x 16 x 64
     python benchmarks/bench_advantages.py --trajectories 512 --turns 16 --tokens-per-turn 128
 """
 
@@ -36,30 +36,34 @@ from bao_fast.ops.advantages import ShapedAdvantages, shaped_advantages, shaped_
 GROUP_SIZE = 8
 
 
+OBSERVATION_TOKENS = 64  # untrained tokens (the environment's reply) opening every turn
+
+
 def make_batch(num_traj: int, turns: int, tokens_per_turn: int, device: torch.device, seed: int = 0):
-    """A packed batch like a BAO step: groups of 8 rollouts of one prompt (shuffled ids), T' uniform in
-    [turns/2, turns], rewards mostly 0 with a final success for 40% of trajectories, 60% answer turns,
-    assistant turns of tokens_per_turn/2 .. 3/2 tokens separated by 64 untrained observation tokens.
-    Returns the op's inputs plus the token span of every trajectory (for the loop baseline)."""
+    """A packed batch like a BAO step, of PERF.md's shape: ``num_traj`` trajectories of exactly ``turns`` turns
+    of exactly ``tokens_per_turn`` tokens, each turn opening with ``OBSERVATION_TOKENS`` untrained observation
+    tokens (half the turn when it is shorter than twice that) before its trained assistant tokens. Groups of 8
+    rollouts of one prompt (shuffled ids), rewards mostly 0 with a final success for 40% of trajectories, 60%
+    answer turns. Returns the op's inputs plus the token span of every trajectory (for the loop baseline)."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(max(turns // 2, 1), turns + 1, (num_traj,), generator=gen)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    num_turns = int(offsets[-1])
+    offsets = torch.arange(num_traj + 1) * turns
+    num_turns = num_traj * turns
     success = torch.rand(num_traj, generator=gen) < 0.4
     rewards = torch.zeros(num_turns)
     rewards[offsets[1:][success] - 1] = 1.0
     answers = torch.rand(num_turns, generator=gen) < 0.6
     groups = torch.randperm(num_traj, generator=gen) // GROUP_SIZE * 7919 - 10**9
-    per_turn = torch.randint(tokens_per_turn // 2, tokens_per_turn * 3 // 2 + 1, (num_turns,), generator=gen)
-    observation = 64
-    turn_of_token = torch.repeat_interleave(torch.arange(num_turns), per_turn + observation)
-    position = torch.arange(turn_of_token.numel()) - torch.repeat_interleave(
-        torch.cat([torch.zeros(1, dtype=torch.long), (per_turn + observation).cumsum(0)[:-1]]), per_turn + observation
-    )
+    observation = observation_tokens(tokens_per_turn)
+    position = torch.arange(tokens_per_turn).repeat(num_turns)
+    turn_of_token = torch.arange(num_turns).repeat_interleave(tokens_per_turn)
     token_turns = torch.where(position < observation, -1, turn_of_token).int()
-    token_offsets = torch.cat([torch.zeros(1, dtype=torch.long), (per_turn + observation).cumsum(0)])[offsets]
     inputs = (rewards, answers, offsets.int(), groups, token_turns)
-    return tuple(t.to(device) for t in inputs), token_offsets.tolist()
+    return tuple(t.to(device) for t in inputs), (offsets * tokens_per_turn).tolist()
+
+
+def observation_tokens(tokens_per_turn: int) -> int:
+    """Untrained tokens at the start of each turn: ``OBSERVATION_TOKENS``, or half of a shorter turn."""
+    return min(OBSERVATION_TOKENS, tokens_per_turn // 2)
 
 
 def python_loop(
@@ -166,7 +170,15 @@ def main() -> None:
         if hbm:
             row["pct_of_hbm"] = 100 * io_bytes / (ms * 1e-3) / hbm
         rows.append(row)
-    shape = {"trajectories": num_traj, "turns": inputs[0].numel(), "tokens": num_tokens, "io_bytes": io_bytes}
+    shape = {
+        "trajectories": num_traj,
+        "turns_per_trajectory": args.turns,
+        "tokens_per_turn": tokens_per_turn,
+        "observation_tokens_per_turn": observation_tokens(tokens_per_turn),
+        "turns": inputs[0].numel(),
+        "tokens": num_tokens,
+        "io_bytes": io_bytes,
+    }
     print_table(rows, title=f"shaped_advantages on {device} ({shape})")
     path = write_results(
         "shaped_advantages",

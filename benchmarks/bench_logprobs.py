@@ -1,22 +1,28 @@
 """Benchmark ``bao_fast.ops.token_logprobs`` (fwd+bwd) against the LM-head log-prob baselines.
 
 Baselines, in the same run and on the same inputs: torch eager (fp32 ``log_softmax`` + gather, entropy from
-the full distribution), ``torch.compile`` of it, torch's chunked ``F.linear_cross_entropy``
-(``LinearCrossEntropyOptions``), liger-kernel's fused linear cross-entropy (CUDA only) and cut-cross-entropy
-(its Triton kernels on CUDA, its ``torch_compile`` backend on the CPU). The last three
-return a per-token loss (= -logp) and no entropy, so they are compared with ``bao_fast`` without
-entropy as well. Baselines that are not installed or not supported on the device are recorded as skipped,
-with the reason.
+the full distribution), ``torch.compile`` of it, both also without entropy (``*_no_entropy``), torch's chunked
+``F.linear_cross_entropy`` (``LinearCrossEntropyOptions``), liger-kernel's fused linear cross-entropy (CUDA
+only) and cut-cross-entropy (its Triton kernels on CUDA, its ``torch_compile`` backend on the CPU; the row
+records the options it passes, ``cce_options``). The last three return a per-token loss (= -logp) and no
+entropy, so they are compared with ``bao_fast`` without entropy as well. Baselines that are not installed or
+not supported on the device are recorded as skipped, with the reason.
+
+Every row's ``speedup_vs_eager``, ``mem_vs_eager`` and ``workspace_vs_eager`` are against the eager row of the
+same work (named in its ``baseline``): ``eager`` for the rows with entropy, ``eager_no_entropy`` for the rest.
 
 Reports per implementation and shape: median fwd+bwd time over ``--repeats`` runs after warm-up, effective
 TFLOP/s (``6*N*H*V`` flops, PERF.md's count), peak extra memory, workspace (that peak less the gradients and
 outputs every implementation must hold), max abs error of logp / entropy against the fp64 reference and the
-relative error (max abs error / max abs value) of the gradients of the timed step against fp64.
+relative error (max abs error / max abs value) of the gradients of the timed step against fp64. Workspace
+counts the outputs a row returns: logp, and entropy only for the rows that compute it.
 ``bao_fast`` recomputes the logits in its backward (the price of never storing them and of accumulating dW in
 fp32 over all rows), so it executes ``8*N*H*V`` flops; its rows also report that executed rate. Peak memory is
 that of one warm fwd+bwd (after the timed runs, so compilation and autotuning are not counted): the CUDA
 allocator peak on a GPU, the peak of CPU tensor allocations on the CPU (``common.peak_memory``).
-Writes ``benchmarks/results/logprobs-<device>.json``.
+Writes ``benchmarks/results/logprobs-<device>.json`` after every shape, with ``complete: false`` until the
+last one (a run stopped part-way keeps the shapes it finished); ``--quick`` writes to
+``benchmarks/results/quick/`` instead.
 
     python benchmarks/bench_logprobs.py                  # preset by device: gpu on CUDA, cpu otherwise
     python benchmarks/bench_logprobs.py --preset cpu --quick
@@ -31,6 +37,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +51,7 @@ Outputs = tuple[torch.Tensor, torch.Tensor | None]
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Outputs]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXECUTED_FLOPS_FACTOR = 8  # bao_fast: forward GEMM + backward recompute, dW and dH GEMMs, each 2*N*H*V
+EAGER_BASELINES = ("eager", "eager_no_entropy")  # the ratios' baselines, with and without entropy
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,12 @@ def eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
     return logp, -(logprobs.exp() * logprobs).sum(-1)
 
 
+def eager_no_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
+    """``eager`` without the entropy: the baseline of the rows that return logp only."""
+    logprobs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    return logprobs.gather(1, targets[:, None]).squeeze(1), None
+
+
 def fused(with_entropy: bool) -> LogprobFn:
     def run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
         out = token_logprobs(hidden, weight, targets, return_entropy=with_entropy)
@@ -102,14 +116,20 @@ def liger_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) 
     return -loss.float(), None
 
 
-def cce(impl: str) -> LogprobFn:
-    """cut-cross-entropy's ``linear_cross_entropy`` with backend ``impl`` (``cce``: its Triton kernels, CUDA
-    only; ``torch_compile``: its compiled PyTorch path, the one that runs on the CPU)."""
+def cce_options(device: torch.device) -> dict[str, Any]:
+    """The options the ``cce`` row passes to cut-cross-entropy's ``linear_cross_entropy``: on CUDA its Triton
+    kernels (``impl="cce"``) with their default gradient filtering; elsewhere its compiled PyTorch path,
+    which takes no filtering options."""
+    return {"impl": "cce", "filter_eps": "auto"} if device.type == "cuda" else {"impl": "torch_compile"}
+
+
+def cce(options: dict[str, Any]) -> LogprobFn:
+    """cut-cross-entropy's ``linear_cross_entropy`` with ``options`` (``cce_options``)."""
 
     def run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> Outputs:
         from cut_cross_entropy import linear_cross_entropy
 
-        return -linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl).float(), None
+        return -linear_cross_entropy(hidden, weight, targets, reduction="none", **options).float(), None
 
     return run
 
@@ -119,11 +139,13 @@ def implementations(device: torch.device, with_compile: bool) -> dict[str, tuple
     cuda = device.type == "cuda"
     impls: dict[str, tuple[LogprobFn | None, str]] = {
         "eager": (eager, ""),
+        "eager_no_entropy": (eager_no_entropy, ""),
         "bao_fast": (fused(True), ""),
         "bao_fast_no_entropy": (fused(False), ""),
     }
     # Static shapes: each case compiles its own kernels (``bench_case`` resets dynamo's caches per case).
-    impls["compile"] = (torch.compile(eager, dynamic=False), "") if with_compile else (None, "--no-compile was given")
+    for name, fn in (("compile", eager), ("compile_no_entropy", eager_no_entropy)):
+        impls[name] = (torch.compile(fn, dynamic=False), "") if with_compile else (None, "--no-compile was given")
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):
         impls["torch_chunked_ce"] = (torch_chunked_ce, "")
     else:
@@ -135,7 +157,7 @@ def implementations(device: torch.device, with_compile: bool) -> dict[str, tuple
     if importlib.util.find_spec("cut_cross_entropy") is None:
         impls["cce"] = (None, "cut_cross_entropy is not installed")
     else:
-        impls["cce"] = (cce("cce" if cuda else "torch_compile"), "")
+        impls["cce"] = (cce(cce_options(device)), "")
     return impls
 
 
@@ -203,13 +225,15 @@ def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobF
     with torch.no_grad():
         ref_logp, ref_ent = reference(hidden, weight, targets)
     flops = 6.0 * case.n * case.h * case.v
-    # Bytes every implementation must hold at its peak: dhidden, dweight (input dtype), logp and entropy (fp32).
-    required = (case.n * case.h + case.v * case.h) * hidden.element_size() + 2 * 4 * case.n
+    # Bytes every implementation must hold at its peak: dhidden, dweight (input dtype); then its fp32 outputs.
+    grad_bytes = (case.n * case.h + case.v * case.h) * hidden.element_size()
     rows: list[dict] = []
     ref_grads: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # by with_entropy, computed when first needed
-    eager_ms = eager_mem = eager_ws = None
+    baselines: dict[bool, dict] = {}  # the eager row of the same work, by with_entropy
     for name, (fn, reason) in impls.items():
         row = {"impl": name, **asdict(case)}
+        if name == "cce":
+            row["cce_options"] = cce_options(device)
         if fn is None:
             rows.append({**row, "skipped": reason})
             continue
@@ -245,15 +269,22 @@ def bench_case(case: Case, device: torch.device, impls: dict[str, tuple[LogprobF
         row["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
         if name.startswith("bao_fast"):
             row["executed_tflops"] = row["tflops"] * EXECUTED_FLOPS_FACTOR / 6
-        row["workspace_mb"] = max(0.0, row["peak_mem_mb"] - required / 2**20)
-        if name == "eager":
-            eager_ms, eager_mem, eager_ws = timing["median_ms"], row["peak_mem_mb"], row["workspace_mb"]
-        if eager_ms is not None:
-            row["speedup_vs_eager"] = eager_ms / timing["median_ms"]
-            row["mem_vs_eager"] = row["peak_mem_mb"] / eager_mem if eager_mem else None
-            row["workspace_vs_eager"] = row["workspace_mb"] / eager_ws if eager_ws else None
+        output_bytes = (2 if with_entropy else 1) * 4 * case.n
+        row["workspace_mb"] = max(0.0, row["peak_mem_mb"] - (grad_bytes + output_bytes) / 2**20)
+        if name in EAGER_BASELINES:
+            baselines[with_entropy] = row
+        if with_entropy in baselines:
+            compare_with(row, baselines[with_entropy])
         rows.append(row)
     return rows
+
+
+def compare_with(row: dict, base: dict) -> None:
+    """Add ``row``'s time, peak and workspace ratios to those of the eager row ``base`` of the same work."""
+    row["baseline"] = base["impl"]
+    row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
+    row["mem_vs_eager"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] else None
+    row["workspace_vs_eager"] = row["workspace_mb"] / base["workspace_mb"] if base["workspace_mb"] else None
 
 
 def table_row(row: dict) -> dict[str, str]:
@@ -285,29 +316,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=("cpu", "gpu"), default=None, help="default: by device")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; CPU headline 3)")
-    parser.add_argument("--quick", action="store_true", help="one small shape, no results file (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="one small shape, results to results/quick/")
     parser.add_argument("--head-only", action="store_true", help="only the preset's headline (PERF.md) shape")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     impls = implementations(device, with_compile=not args.no_compile)
+    cases = presets(preset, args.repeats, args.quick, args.head_only)
     results: list[dict] = []
-    for case in presets(preset, args.repeats, args.quick, args.head_only):
+    for i, case in enumerate(cases, start=1):
         rows = bench_case(case, device, impls)
         results.extend(rows)
         print_table(
             [table_row(r) for r in rows],
             title=f"token_logprobs fwd+bwd N={case.n} H={case.h} V={case.v} {case.dtype} ({case.repeats} repeats)",
         )
-    if not args.quick:
-        path = write_results("logprobs", {
-                "preset": preset,
-                "flops_per_step": "6*N*H*V",
-                "bao_fast_executed_flops": f"{EXECUTED_FLOPS_FACTOR}*N*H*V",
-                "results": results,
-            }, device)
-        print(f"wrote {path}")
+        payload = {
+            "preset": preset,
+            "quick": args.quick,
+            "complete": i == len(cases),
+            "flops_per_step": "6*N*H*V",
+            "bao_fast_executed_flops": f"{EXECUTED_FLOPS_FACTOR}*N*H*V",
+            "results": results,
+        }
+        print(f"wrote {write_results('logprobs', payload, device, quick=args.quick)} ({i}/{len(cases)} shapes)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ recorded in the JSON. ``--default-allocator`` measures with glibc's defaults ins
 ``peak_extra_MB`` is the peak of tensor allocations (``common.peak_memory``): the Python reference's lists
 and the C++ op's host-side vectors are not in it.
 
-Writes benchmarks/results/pack_multiturn-<device>.json and prints a table.
+Writes benchmarks/results/pack_multiturn-<device>.json (``--quick``: benchmarks/results/quick/, never over the
+full-size results) and prints a table.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="256 trajectories (CI-sized run)")
+    parser.add_argument("--quick", action="store_true", help="256 trajectories, results to results/quick/")
     parser.add_argument("--default-allocator", action="store_true", help="keep glibc's malloc defaults")
     args = parser.parse_args()
     if not args.default_allocator and any(os.environ.get(k) != v for k, v in STEADY_ALLOCATOR.items()):
@@ -147,6 +148,7 @@ def main() -> None:
             "rows": rows,
         },
         results_device,
+        quick=args.quick,
     )
     print(f"wrote {path}")
 

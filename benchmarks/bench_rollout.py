@@ -17,7 +17,9 @@ one rollout (``common.peak_memory``; a vLLM engine's KV cache is allocated at st
 Models: ``tiny`` (the test model, fp32 on the CPU) or ``qwen`` (GPU only: a random-weight Qwen2 with
 Qwen3-4B's layer shapes, hidden 2560, 36 layers, 32/8 heads of 128, MLP 9728, bf16, vocabulary 2048 of the
 shipped tokenizer).
-Writes ``benchmarks/results/rollout-<device>.json``.
+Engines: ``--engines``, else hf and vLLM, where vLLM is not installed hf only and a ``skipped`` row for vLLM
+that says why. Writes ``benchmarks/results/rollout-<device>.json`` after every engine, with ``complete:
+false`` until the last (a run that fails in a later engine keeps the rows of the earlier ones).
 
     python benchmarks/bench_rollout.py                           # tiny model, CPU-sized workload
     python benchmarks/bench_rollout.py --model qwen --tasks 64 --group-size 8 --max-tokens 512   # GPU
@@ -46,6 +48,7 @@ from bao_fast.config import RolloutConfig
 from bao_fast.envs.base import Gym, StepResult
 from bao_fast.models import TinyModelSpec, create_tiny_model, load_tokenizer
 from bao_fast.rollout import GenerationParams, HFEngine, Trajectory, run_episodes
+from bao_fast.rollout.engine import missing_engine
 
 QWEN3_4B_SHAPE = TinyModelSpec(
     hidden_size=2560,
@@ -80,6 +83,23 @@ class ReplyGym(Gym):
         return StepResult("f(1, 2, 3, 4) = 10\nReward: 0.0", 0.0, False, self._done, info)
 
 
+DEFAULT_ENGINES = ("hf", "vllm")  # hf first: vLLM lowers torch's thread count for the rest of the process
+
+
+def engines_to_run(requested: str | None) -> tuple[list[str], list[dict[str, str]]]:
+    """The engines of ``--engines`` (ValueError naming the flag when one cannot run here), else the default
+    engines that can, and a skipped row for each default one that cannot."""
+    if requested is not None:
+        names = requested.split(",")
+        for name in names:
+            if (reason := missing_engine(name)) is not None:
+                raise ValueError(f"--engines {name}: {reason}")
+        return names, []
+    missing = {name: missing_engine(name) for name in DEFAULT_ENGINES}
+    skipped = [{"engine": name, "skipped": why} for name, why in missing.items() if why is not None]
+    return [name for name, why in missing.items() if why is None], skipped
+
+
 def make_engine(name: str, model_dir: Path, cfg: RolloutConfig, device: torch.device) -> Any:
     if name == "hf":
         return HFEngine.from_config(model_dir, cfg, device=device, max_batch_size=256)
@@ -104,14 +124,61 @@ def rollout(engine: Any, tokenizer: Any, args: argparse.Namespace, sequential: b
     ]
 
 
+def bench_engine(
+    name: str, model_dir: Path, cfg: RolloutConfig, device: torch.device, tokenizer: Any, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The batched row of engine ``name`` and, unless ``--no-sequential``, its one-episode-at-a-time row."""
+    t0 = time.perf_counter()
+    engine = make_engine(name, model_dir, cfg, device)
+    init_s = time.perf_counter() - t0
+    rows = []
+    for sequential in [False] if args.no_sequential else [False, True]:
+        trajs = rollout(engine, tokenizer, args, sequential)
+        stats = timeit_median(
+            lambda e=engine, s=sequential: rollout(e, tokenizer, args, s),
+            warmup=args.warmup,
+            repeats=args.baseline_repeats if sequential else args.repeats,
+            device=device,
+        )
+        seconds = stats["median_ms"] / 1e3
+        generated = sum(len(t.assistant_token_ids) for t in trajs)
+        rows.append(
+            {
+                "engine": name + ("-sequential" if sequential else ""),
+                "episodes": len(trajs),
+                "turns": sum(t.num_turns for t in trajs),
+                "median_s": seconds,
+                "episodes_per_s": len(trajs) / seconds,
+                "gen_tokens_per_s": generated / seconds,
+                "total_tokens_per_s": sum(t.num_tokens for t in trajs) / seconds,
+                "engine_init_s": init_s,
+                "repeats": stats["repeats"],
+                "peak_mem_MB": peak_memory(lambda e=engine, s=sequential: rollout(e, tokenizer, args, s), device)
+                / 2**20,
+            }
+        )
+    if name == "vllm":
+        engine.shutdown()
+    return rows
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Set every timed row's ``speedup_vs_sequential``: its engine's sequential median / its median."""
+    medians = {row["engine"]: row["median_s"] for row in rows if "median_s" in row}
+    for row in rows:
+        if "median_s" in row:
+            baseline = medians.get(row["engine"].removesuffix("-sequential") + "-sequential")
+            row["speedup_vs_sequential"] = baseline / row["median_s"] if baseline else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "qwen"], default="tiny")
     parser.add_argument(
         "--engines",
-        default="hf,vllm",
-        help="comma-separated, run in order (vLLM lowers torch's "
-        "thread count for the rest of the process, so hf goes first)",
+        default=None,
+        help="comma-separated, run in order (default: hf,vllm, vllm left out where it is not installed; vLLM "
+        "lowers torch's thread count for the rest of the process, so hf goes first)",
     )
     parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=4)
@@ -126,60 +193,30 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "qwen" and device.type != "cuda":
         parser.error("--model qwen needs a GPU")
+    try:
+        engines, skipped = engines_to_run(args.engines)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     spec, dtype = (QWEN3_4B_SHAPE, torch.bfloat16) if args.model == "qwen" else (TinyModelSpec(), torch.float32)
     model_dir = create_tiny_model(Path(tempfile.gettempdir()) / f"bao-fast-bench-{args.model}", spec, dtype=dtype)
     tokenizer = load_tokenizer()
     max_model_len = 256 + args.max_turns * (args.max_tokens + 64)
     cfg = RolloutConfig(max_model_len=max_model_len, gpu_memory_utilization=0.6, enforce_eager=device.type != "cuda")
-
-    rows: list[dict[str, Any]] = []
-    for name in args.engines.split(","):
-        t0 = time.perf_counter()
-        engine = make_engine(name, model_dir, cfg, device)
-        init_s = time.perf_counter() - t0
-        for sequential in [False] if args.no_sequential else [False, True]:
-            trajs = rollout(engine, tokenizer, args, sequential)
-            stats = timeit_median(
-                lambda e=engine, s=sequential: rollout(e, tokenizer, args, s),
-                warmup=args.warmup,
-                repeats=args.baseline_repeats if sequential else args.repeats,
-                device=device,
-            )
-            seconds = stats["median_ms"] / 1e3
-            generated = sum(len(t.assistant_token_ids) for t in trajs)
-            rows.append(
-                {
-                    "engine": name + ("-sequential" if sequential else ""),
-                    "episodes": len(trajs),
-                    "turns": sum(t.num_turns for t in trajs),
-                    "median_s": seconds,
-                    "episodes_per_s": len(trajs) / seconds,
-                    "gen_tokens_per_s": generated / seconds,
-                    "total_tokens_per_s": sum(t.num_tokens for t in trajs) / seconds,
-                    "engine_init_s": init_s,
-                    "repeats": stats["repeats"],
-                    "peak_mem_MB": peak_memory(lambda e=engine, s=sequential: rollout(e, tokenizer, args, s), device)
-                    / 2**20,
-                }
-            )
-        if name == "vllm":
-            engine.shutdown()
-        del engine
-    medians = {row["engine"]: row["median_s"] for row in rows}
-    for row in rows:
-        baseline = medians.get(row["engine"].removesuffix("-sequential") + "-sequential")
-        row["speedup_vs_sequential"] = baseline / row["median_s"] if baseline else None
-    print_table(rows, title=f"rollout ({args.model} model, {device.type})")
     payload = {
         "model": args.model,
         "model_spec": dataclasses.asdict(spec),
         "dtype": str(dtype),
         "workload": {k: getattr(args, k) for k in ("tasks", "group_size", "max_turns", "max_tokens")},
         "max_model_len": max_model_len,
-        "rows": rows,
     }
-    print("wrote", write_results("rollout", payload, device))
+    rows: list[dict[str, Any]] = []
+    for i, name in enumerate(engines, start=1):
+        rows += bench_engine(name, model_dir, cfg, device, tokenizer, args)
+        add_speedups(rows)
+        path = write_results("rollout", {**payload, "complete": i == len(engines), "rows": rows + skipped}, device)
+    print_table(rows + skipped, title=f"rollout ({args.model} model, {device.type})")
+    print("wrote", path)
 
 
 if __name__ == "__main__":

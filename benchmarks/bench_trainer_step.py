@@ -16,17 +16,23 @@ around it), so the breakdown is of the trainer's own code path, not of a re-impl
 ``other`` is the rest of the step (metrics, scheduler, zero_grad). Medians over ``--steps`` measured steps
 after one warm-up step (a step takes seconds to minutes, hence fewer than the ops' 20 repeats).
 
-Then the log-prob forward (no grad) of a plain HF copy of the model is timed over the trainer's
-micro-batches, packed (one ``[1, T]`` stream each, ``position_ids`` restarting per trajectory) and padded
-(``[B, L_max]`` with an attention mask), with the same LM-head op on the same target rows, on two sets
-of trajectories: the last step's rollouts (a random-weight policy: one turn each, near-equal lengths) and
-as many scripted-teacher episodes (multi-turn, varied lengths, as a trained policy produces).
+Then the log-prob forward (no grad) of a plain HF copy of the model is timed over micro-batches of the
+trainer's default token budget (``--packing-tokens``; the CPU demo's own budget holds one episode per
+micro-batch, where packing and padding do the same work), packed (one ``[1, T]`` stream each, ``position_ids``
+restarting per trajectory) and padded (``[B, L_max]`` with an attention mask), with the same LM-head op on the
+same target rows, on two sets of trajectories: the last step's rollouts (a random-weight policy: one turn
+each, near-equal lengths) and as many scripted-teacher episodes (multi-turn, varied lengths, as a trained
+policy produces).
 
-Model: the tiny random-weight Qwen2 on the CPU; on a GPU a Qwen2.5-0.5B-shaped random-weight model (the
-shipped 2048-token vocabulary). Writes ``benchmarks/results/trainer_step-<device>.json``.
+Model: the tiny random-weight Qwen2 on the CPU; on a GPU a Qwen2.5-0.5B-shaped random-weight model whose
+vocabulary is padded to Qwen's 151,936 rows (the shipped tokenizer's ids stay below 2048; a random policy
+samples from all rows), so that the LM head holds its real share (~27%) of the matmul parameters.
+Engine: ``--engine``, else vLLM on a GPU where it is installed (the results record ``vllm_skipped`` and why
+when it is not) and hf otherwise. Writes ``benchmarks/results/trainer_step-<device>.json`` (``--quick``:
+``benchmarks/results/quick/``).
 
     python benchmarks/bench_trainer_step.py               # CPU: demo sizes, hf engine
-    python benchmarks/bench_trainer_step.py --quick       # smoke run: tiny step, no results file
+    python benchmarks/bench_trainer_step.py --quick       # smoke run: tiny step
     python benchmarks/bench_trainer_step.py --engine vllm --steps 10
 """
 
@@ -46,13 +52,14 @@ import torch
 from common import peak_memory, print_table, timeit_median, write_results
 from transformers import AutoModelForCausalLM
 
-from bao_fast.config import Config, load_config
+from bao_fast.config import Config, TrainConfig, load_config
 from bao_fast.data.packed import PackedBatch
 from bao_fast.data.segments import pack_segments
 from bao_fast.models import TinyModelSpec, create_tiny_model, load_tokenizer
 from bao_fast.models.forward import backbone, lm_head, packed_token_logprobs
 from bao_fast.ops import token_logprobs
 from bao_fast.rollout import Trajectory
+from bao_fast.rollout.engine import missing_engine
 from bao_fast.train import rl
 from bao_fast.train.fsdp import init_distributed, shutdown_distributed
 from bao_fast.train.logging import NonFiniteGuard
@@ -80,6 +87,23 @@ QWEN_05B_SHAPE = TinyModelSpec(
     max_position_embeddings=32768,
     tie_word_embeddings=True,
 )
+QWEN_VOCAB_SIZE = 151936  # Qwen2.5's embedding / LM-head rows (its tokenizer has 151,665 ids)
+
+
+def default_engine(on_gpu: bool) -> tuple[str, str | None]:
+    """The engine without ``--engine`` and, when vLLM was left out, why: vLLM on a GPU where it is installed,
+    hf otherwise."""
+    reason = missing_engine("vllm") if on_gpu else None
+    return ("vllm", None) if on_gpu and reason is None else ("hf", reason)
+
+
+def pad_vocab(model_path: Path, vocab_size: int) -> Path:
+    """Resize the checkpoint's embedding and LM head at ``model_path`` to ``vocab_size`` rows in place (new
+    rows from the model's initialiser; the tokenizer is unchanged); returns the path."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_path))
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    model.save_pretrained(model_path, safe_serialization=True)
+    return model_path
 
 
 def _sync(device: torch.device) -> None:
@@ -255,7 +279,7 @@ def packing_vs_padding(
     model: torch.nn.Module, source: str, segments: list[list[tuple[str, list[int]]]], max_tokens: int, repeats: int
 ) -> list[dict[str, Any]]:
     """Rows timing the no-grad log-prob forward of the same trajectories packed and padded, over the
-    trainer's micro-batches (``train.micro_batch_tokens``; each padded the same way for the baseline)."""
+    micro-batches of at most ``max_tokens`` tokens (each padded the same way for the baseline)."""
     device = next(model.parameters()).device
     batch = pack_segments(segments, device)
     micro = [batch.select(a, b) for a, b in batch.micro_batch_bounds(max_tokens)]
@@ -267,6 +291,7 @@ def packing_vs_padding(
     case = {
         "source": source,
         "trajectories": batch.num_sequences,
+        "micro_batch_tokens": max_tokens,
         "micro_batches": len(micro),
         "tokens": batch.num_tokens,
         "padded_tokens": sum(p[0].numel() for p in padded),
@@ -304,25 +329,36 @@ def teacher_segments(cfg: Config, model_path: Path, n: int) -> list[list[tuple[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     on_gpu = torch.cuda.is_available()
-    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm" if on_gpu else "hf")
+    parser.add_argument("--engine", choices=("vllm", "hf"), default=None, help="default: vllm on a GPU if installed")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 5 on GPU, 3 on CPU, 1 quick)")
     parser.add_argument("--repeats", type=int, default=None, help="packing/padding repeats (default 20, --quick 5)")
-    parser.add_argument("--quick", action="store_true", help="small CPU sizes, no results file (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="small CPU sizes, results to results/quick/")
+    parser.add_argument("--packing-tokens", type=int, default=None,
+                        help="micro-batch token budget of the packing/padding comparison (default: the trainer's "
+                             "default train.micro_batch_tokens, 8192, or the step's when larger)")
     args = parser.parse_args()
+    vllm_skipped = None
+    if args.engine is None:
+        args.engine, vllm_skipped = default_engine(on_gpu)
+    elif (reason := missing_engine(args.engine)) is not None:
+        parser.exit(2, f"{parser.prog}: error: --engine {args.engine}: {reason}\n")
     args.steps = args.steps or (1 if args.quick else 5 if on_gpu else 3)
     repeats = args.repeats or (5 if args.quick else 20)
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         cfg = bench_config(args, Path(tmp) / "run", on_gpu)
         spec = QWEN_05B_SHAPE if on_gpu else TinyModelSpec()
         model_path = create_tiny_model(Path(tmp) / "model", spec, seed=cfg.seed)
+        if on_gpu:
+            pad_vocab(model_path, QWEN_VOCAB_SIZE)
         try:
             step, trajs = run_steps(cfg, model_path, args.steps)
         finally:
             shutdown_distributed()
         model = load_plain_model(cfg, model_path, torch.device("cuda" if on_gpu else "cpu"))
+        vocab_size = model.config.vocab_size
         rollout_segments = [t.segments for t in trajs]
         teacher = teacher_segments(cfg, model_path, len(trajs))
-        max_tokens = cfg.train.micro_batch_tokens
+        max_tokens = args.packing_tokens or max(cfg.train.micro_batch_tokens, TrainConfig().micro_batch_tokens)
         packing = packing_vs_padding(model, "rollout", rollout_segments, max_tokens, repeats)
         packing += packing_vs_padding(model, "teacher", teacher, max_tokens, repeats)
     print_table(step["phases"], title=f"trainer step ({args.engine} engine), median {step['step_median_ms']:.0f} ms")
@@ -330,9 +366,10 @@ def main() -> None:
     print_table([{c: row[c] for c in columns} for row in packing], title="log-prob forward (no grad)")
     r = cfg.rollout
     payload = {
-        "model": {**asdict(spec), "dtype": cfg.model.dtype if on_gpu else "float32"},
+        "model": {**asdict(spec), "vocab_size": vocab_size, "dtype": cfg.model.dtype if on_gpu else "float32"},
         "step_config": {
             "engine": args.engine,
+            "vllm_skipped": vllm_skipped,
             "prompts_per_step": r.prompts_per_step,
             "group_size": r.group_size,
             "max_turns": cfg.env.max_turns,
@@ -340,12 +377,12 @@ def main() -> None:
             "micro_batch_tokens": cfg.train.micro_batch_tokens,
         },
         "measured_steps": args.steps,
+        "quick": args.quick,
         "attn_implementation": cfg.model.attn_implementation,
         **step,
         "results": packing,
     }
-    if not args.quick:
-        print(f"wrote {write_results('trainer_step', payload)}")
+    print(f"wrote {write_results('trainer_step', payload, quick=args.quick)}")
 
 
 if __name__ == "__main__":

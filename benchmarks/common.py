@@ -3,7 +3,9 @@
 API:
 
 * ``device_info(device) -> dict``: device, its name (the GPU's, or the CPU model), thread count,
-  torch/triton/CUDA versions, 1-minute load average (CPU timings are only as good as the machine was idle).
+  torch/triton/CUDA versions, the baselines' liger-kernel / cut-cross-entropy versions (None when not
+  installed), 1-minute load average (CPU timings are only as good as the machine was idle).
+* ``package_version(dist) -> str | None``: the installed version of a distribution, None when absent.
 * ``timeit_median(fn, warmup=3, repeats=20, device=None) -> dict``: runs ``fn()`` ``warmup`` times, then
   times ``repeats`` calls; CUDA events on a CUDA device, ``time.perf_counter`` otherwise. Returns
   ``{"median_ms", "min_ms", "max_ms", "repeats"}``.
@@ -17,8 +19,10 @@ API:
 * ``tensor_bytes(obj) -> int``: bytes held by the tensors in a (nested) tuple/list/dict/dataclass.
 * ``hbm_bytes_per_s(device) -> float | None``: the GPU's spec-sheet memory bandwidth (H100 / H200 / A100
   variants by name; None elsewhere), the denominator of ``pct_of_hbm``.
-* ``write_results(op, payload, device) -> Path``: writes ``benchmarks/results/<op>-<device>.json`` with
-  ``device_info`` and the write time merged in, and returns the path.
+* ``write_results(op, payload, device, quick=False) -> Path``: writes ``benchmarks/results/<op>-<device>.json``
+  with ``device_info`` and the write time merged in, and returns the path. ``quick`` (a script's ``--quick``
+  smoke run) writes to ``benchmarks/results/quick/`` instead (gitignored, left out of the report), so a smoke
+  run never overwrites the committed full-size results.
 * ``print_table(rows, title=None)``: prints a list of flat dicts as a rich table (columns from the keys).
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -42,6 +47,9 @@ from rich.table import Table
 from torch._C._profiler import _EventType
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_SUBDIR = "quick"  # results of --quick smoke runs, under RESULTS_DIR
+# Baselines whose versions every results file records (distribution names, as pip spells them).
+BASELINE_PACKAGES = ("liger-kernel", "cut-cross-entropy")
 
 # Kineto (torch.profiler) prints a USDT line on stderr at every profiler start and stop, and cpu_tensor_peak
 # profiles each measurement. Only level 6 (above all of its levels) hides them, its own errors with them; an
@@ -73,6 +81,14 @@ def cpu_model() -> str:
     return platform.processor() or "cpu"
 
 
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` (e.g. ``liger-kernel``), None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions and hardware of this run, merged into every results file."""
     dev = _as_device(device)
@@ -93,6 +109,7 @@ def device_info(device: torch.device | str | None = None) -> dict[str, Any]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    info.update({dist.replace("-", "_"): package_version(dist) for dist in BASELINE_PACKAGES})
     return info
 
 
@@ -201,11 +218,14 @@ def tensor_bytes(obj: object) -> int:
     return 0
 
 
-def write_results(op: str, payload: dict[str, Any], device: torch.device | str | None = None) -> Path:
-    """Write ``payload`` plus ``device_info`` and the UTC write time (``bao-fast bench --quick`` refreshes only
-    some files) to ``benchmarks/results/<op>-<device>.json``; return the path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{op}-{device_tag(device)}.json"
+def write_results(
+    op: str, payload: dict[str, Any], device: torch.device | str | None = None, quick: bool = False
+) -> Path:
+    """Write ``payload`` plus ``device_info`` and the UTC write time to ``benchmarks/results/<op>-<device>.json``
+    (``quick``: to ``benchmarks/results/quick/``, never over the full-size results); return the path."""
+    out_dir = RESULTS_DIR / QUICK_SUBDIR if quick else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{op}-{device_tag(device)}.json"
     written = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     record = {"op": op, **device_info(device), "written_utc": written, **payload}
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")

@@ -5,7 +5,10 @@ device and versions).
 Each script runs in its own process (a fresh allocator and CUDA context per op, so one script's peak
 memory does not leak into the next). On a machine without CUDA, Triton runs in its interpreter
 (``TRITON_INTERPRET=1``) and the scripts measure what a CPU can: ratios to the CPU baselines, not GPU
-throughput. ``--quick`` is passed to the scripts that declare it (their small sizes).
+throughput. ``--quick`` is passed to the scripts that declare it (their small sizes); they then write to
+``benchmarks/results/quick/`` (gitignored), which the report leaves out: it renders full-size results only.
+A script run without arguments leaves out the baselines not installed here (vLLM on the GPU machines),
+recording them as skipped.
 
     bao-fast bench                          # everything, then the report
     bao-fast bench --only logprobs trainer  # scripts whose name contains one of the words
@@ -92,8 +95,9 @@ def _cuda_available() -> bool:
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
-    """Every ``<op>-<device>.json`` record of ``results_dir``, in file-name order; the file name is kept
-    under ``"_file"``. A file that is not a JSON object raises UsageError naming it."""
+    """Every ``<op>-<device>.json`` record of ``results_dir``, in file-name order, not those of its folders
+    (``quick/``: smoke runs); the file name is kept under ``"_file"``. A file that is not a JSON object raises
+    UsageError naming it."""
     records = []
     for path in sorted(results_dir.glob("*.json")):
         try:

@@ -168,7 +168,8 @@ def sdpa_per_sequence_attention(
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
                                              enable_gqa=gqa)
         outs.append(out.transpose(0, 1).flatten(1, 2).unsqueeze(0))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # one run (e.g. one sequence): no copy
+    return out.transpose(1, 2).contiguous()
 
 
 def _varlen_attention_forward(

@@ -86,6 +86,23 @@ def test_write_results_records_device_versions_and_time(tmp_path: Path, monkeypa
     assert datetime.datetime.fromisoformat(record["written_utc"]).tzinfo is not None
 
 
+def test_results_record_the_baseline_packages_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """liger-kernel and cut-cross-entropy versions in every results file, None where not installed."""
+    assert common.package_version("torch") == torch.__version__
+    assert common.package_version("no-such-distribution-bao-fast") is None
+    versions = {"liger-kernel": "0.8.5", "cut-cross-entropy": None}
+    monkeypatch.setattr(common, "package_version", versions.get)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    record = json.loads(common.write_results("op", {"rows": []}, "cpu").read_text())
+    assert record["liger_kernel"] == "0.8.5" and "cut_cross_entropy" in record and record["cut_cross_entropy"] is None
+
+
+def test_quick_results_go_to_their_own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert common.write_results("op", {"rows": []}, "cpu", quick=True) == tmp_path / "quick" / "op-cpu.json"
+    assert not (tmp_path / "op-cpu.json").exists()
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [("NVIDIA H200", 4.8e12), ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA GH200 480GB", None), ("NVIDIA L4", None)],

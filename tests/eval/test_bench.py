@@ -202,6 +202,15 @@ def test_bench_cli_runs_scripts_and_writes_report(tmp_path: Path) -> None:
     assert "## fake on cpu" in report and "| fast | 1 | 4.00 | 1 | – |" in report
 
 
+def test_report_leaves_out_quick_results(tmp_path: Path) -> None:
+    """``--quick`` smoke runs write to results/quick/: the report renders the full-size results only."""
+    _samples(tmp_path)
+    _write(tmp_path / "quick", "logprobs-gpu.json", {"op": "logprobs", **DEVICE, "results": [{"impl": "smoke"}]})
+    records = load_results(tmp_path)
+    assert [r["_file"] for r in records] == ["logprobs-gpu.json", "pack_multiturn-cpu.json", "trainer_step-cpu.json"]
+    assert "smoke" not in benchmark_report(records)
+
+
 def test_failing_script_fails_the_run(tmp_path: Path) -> None:
     bench_dir = tmp_path / "benchmarks"
     bench_dir.mkdir()
