@@ -17,19 +17,32 @@ from pathlib import Path
 
 LOCK_FILE = ".lock"
 
-_HELD: dict[Path, int] = {}
-"""Lock file descriptors this process holds, by resolved ``run_dir``; kept open for the process's life."""
+_HELD: dict[Path, tuple[int, tuple[int, int]]] = {}
+"""Lock file descriptors this process holds, with their files' (device, inode), by resolved ``run_dir``; kept
+open for the process's life."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def lock_run_dir(run_dir: str | Path) -> str | None:
     """Create ``run_dir`` and take its lock; None once held, else why not (as a ConfigError message naming
-    ``run_dir`` and the holder's host and pid)."""
+    ``run_dir`` and the holder's host and pid, or the lock file that cannot be written)."""
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    key = root.resolve()
+    key, path = root.resolve(), root / LOCK_FILE
     if key in _HELD:
-        return None
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, identity = _HELD[key]
+        if _identity(path) == identity:
+            return None
+        os.close(fd)  # run_dir was deleted or replaced since: its new lock file is not the one held
+        del _HELD[key]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -42,7 +55,11 @@ def lock_run_dir(run_dir: str | Path) -> str | None:
         print(f"warning: cannot lock run_dir {str(run_dir)!r} ({exc}); make sure no other run uses it",
               file=sys.stderr, flush=True)
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-    _HELD[key] = fd
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        _HELD[key] = fd, (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    except OSError as exc:  # e.g. a full disk: the run could not write its checkpoints either
+        os.close(fd)
+        return f"config key 'run_dir': cannot write the lock file {str(path)!r}: {exc}"
     return None

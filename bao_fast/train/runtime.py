@@ -131,12 +131,12 @@ RL_OUTPUTS = (CHECKPOINT_DIR, FINAL_MODEL_DIR, EVALS_FILE)
 
 
 def start_run(cfg: Config, stage: str) -> DistEnv:
-    """Join the process group, check what only the run can check (:func:`preflight`), lock ``run_dir``
-    (:func:`lock_run_dir`), delete an earlier run's outputs unless ``checkpoint.resume`` (:func:`stale_outputs`),
+    """Join the process group, check what only the run can check and lock ``run_dir`` (rank 0,
+    :func:`claim_run_dir`), delete an earlier run's outputs unless ``checkpoint.resume`` (:func:`stale_outputs`),
     then (rank 0) write the run's ``config.yaml``, which every rank must then see (:func:`unshared_run_dir`).
     ``stage``: ``sft`` or ``train`` (SFT, then RL)."""
     env = init_distributed()
-    problem = (preflight(cfg, env.world_size, stage) or lock_run_dir(cfg.run_dir)) if env.is_main else None
+    problem = claim_run_dir(cfg, env.world_size, stage) if env.is_main else None
     if env.world_size > 1:
         problem = gather_objects(problem)[0]
     if problem is not None:
@@ -152,6 +152,15 @@ def start_run(cfg: Config, stage: str) -> DistEnv:
         if problem is not None:
             raise ConfigError(problem)
     return env
+
+
+def claim_run_dir(cfg: Config, world_size: int, stage: str) -> str | None:
+    """Rank 0: :func:`preflight`, then the ``run_dir`` lock; a directory another run is using is reported
+    first (its checkpoints could also fail preflight's resume checks, with advice that does not apply). A
+    ``run_dir`` that does not exist yet is created only once preflight passes."""
+    if Path(cfg.run_dir).is_dir() and (problem := lock_run_dir(cfg.run_dir)) is not None:
+        return problem
+    return preflight(cfg, world_size, stage) or lock_run_dir(cfg.run_dir)
 
 
 def stale_outputs(cfg: Config, stage: str) -> tuple[str, ...]:

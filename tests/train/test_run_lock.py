@@ -3,7 +3,9 @@ ends); the process that holds the lock may start further runs there."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bao_fast.config import ConfigError, load_config
+from bao_fast.config import ConfigError, load_config, save_config
 from bao_fast.train.run_lock import LOCK_FILE, lock_run_dir
 from bao_fast.train.runtime import CONFIG_FILE, start_run
 
@@ -42,16 +44,42 @@ def test_the_holder_may_lock_its_run_dir_again(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("single_rank_world")
-def test_start_run_on_a_locked_run_dir_fails_before_writing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides", [["checkpoint.resume=false"], ["seed=2"], ["train.steps=2"]])
+def test_start_run_on_a_locked_run_dir_says_so_before_anything_else(tmp_path: Path, overrides: list[str]) -> None:
+    """Also when the config would fail preflight's resume checks against the running run's outputs (another seed,
+    fewer steps than its checkpoint): their advice (resume=false) does not apply to a directory in use."""
+    base = ["model.tiny=true", f"run_dir={tmp_path}", "rollout.engine=hf"]
+    save_config(load_config(None, base), tmp_path / CONFIG_FILE)
     (tmp_path / "checkpoints" / "step-000003").mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        cfg = load_config(None, ["model.tiny=true", f"run_dir={tmp_path}", "rollout.engine=hf",
-                                 "checkpoint.resume=false"])
         with pytest.raises(ConfigError, match=f"is in use by another run .host .* pid {holder.pid}"):
-            start_run(cfg, "train")
+            start_run(load_config(None, [*base, *overrides]), "train")
     finally:
         holder.kill()
         holder.wait()
-    assert (tmp_path / "checkpoints" / "step-000003").is_dir() and not (tmp_path / CONFIG_FILE).exists()
+    assert (tmp_path / "checkpoints" / "step-000003").is_dir()
+    assert load_config(str(tmp_path / CONFIG_FILE), []) == load_config(None, base)  # not overwritten
+
+
+def test_a_recreated_run_dir_is_locked_again(tmp_path: Path) -> None:
+    """The process held the deleted directory's lock file, not the new one's."""
+    run_dir = tmp_path / "run"
+    assert lock_run_dir(run_dir) is None
+    shutil.rmtree(run_dir)
+    assert lock_run_dir(run_dir) is None
+    other = subprocess.run([sys.executable, "-c", HOLD, str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1 and "AssertionError" in other.stderr
+
+
+def test_an_unwritable_lock_file_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    problem = lock_run_dir(tmp_path)
+    assert problem == (f"config key 'run_dir': cannot write the lock file {str(tmp_path / LOCK_FILE)!r}: "
+                       "[Errno 28] No space left on device")
+    monkeypatch.undo()
+    assert lock_run_dir(tmp_path) is None  # the failed attempt kept no lock
