@@ -3,7 +3,8 @@
 * package ``bao_fast`` plus ``kernels/`` installed as ``bao_fast.kernels`` and ``configs/`` as
   ``bao_fast.configs`` (no top-level ``kernels`` package is installed);
 * extension ``bao_fast._C`` from ``csrc/`` with torch's cpp_extension and ninja: the C++ sources always,
-  the CUDA sources when torch was built with CUDA and nvcc is found (sm_80 and sm_90a).
+  the CUDA sources when torch was built with CUDA and nvcc is found (sm_80 and sm_90a machine code plus
+  sm_90 PTX; ``TORCH_CUDA_ARCH_LIST`` overrides).
 
 Torch must already be installed (``pip install --no-build-isolation ...``; ``make`` does this).
 """

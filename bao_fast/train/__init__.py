@@ -9,8 +9,11 @@
 - ``fsdp.py``: process group, device mesh, the FSDP2-sharded :class:`~bao_fast.train.fsdp.Policy`.
 - ``checkpoint.py``: atomic DCP checkpoints for exact resume (resharded onto another world size); HF export.
 - ``preemption.py``: SIGTERM / SIGUSR1 stop the trainers at the next step boundary, with a checkpoint.
-- ``optim.py``, ``logging.py``, ``runtime.py``: AdamW + schedules; JSONL / progress / TensorBoard / wandb
-  and the non-finite guard; seeding, the resumable task sampler, rank lock-step helpers.
+- ``optim.py``, ``logging.py``: AdamW + schedules; JSONL / progress / TensorBoard / wandb and the
+  non-finite guard.
+- ``runtime.py``: seeding, the resumable task sampler, the initial model, a run's start (preflight checks,
+  the ``run_dir`` lock of ``run_lock.py``, clearing an earlier run's outputs, ``config.yaml``).
+- ``collectives.py``: small host-side collectives that keep the ranks in lock-step.
 - ``loss_scale.py``: dynamic loss scaling for float16 training (``optim.loss_scale``).
 
 Modules are imported directly (``from bao_fast.train.rl import train``); importing this package is cheap.
