@@ -58,7 +58,8 @@ def lock_run_dir(run_dir: str | Path) -> str | None:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        _HELD[key] = fd, (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        held = os.fstat(fd)
+        _HELD[key] = fd, (held.st_dev, held.st_ino)
     except OSError as exc:  # e.g. a full disk: the run could not write its checkpoints either
         os.close(fd)
         return f"config key 'run_dir': cannot write the lock file {str(path)!r}: {exc}"

@@ -158,8 +158,8 @@ def claim_run_dir(cfg: Config, world_size: int, stage: str) -> str | None:
     """Rank 0: :func:`preflight`, then the ``run_dir`` lock; a directory another run is using is reported
     first (its checkpoints could also fail preflight's resume checks, with advice that does not apply). A
     ``run_dir`` that does not exist yet is created only once preflight passes."""
-    if Path(cfg.run_dir).is_dir() and (problem := lock_run_dir(cfg.run_dir)) is not None:
-        return problem
+    if Path(cfg.run_dir).is_dir():
+        return lock_run_dir(cfg.run_dir) or preflight(cfg, world_size, stage)
     return preflight(cfg, world_size, stage) or lock_run_dir(cfg.run_dir)
 
 
