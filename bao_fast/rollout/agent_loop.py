@@ -73,8 +73,10 @@ class _Episode:
         """Append the engine's output as an assistant segment (and its log-probs and text)."""
         traj = self.traj
         traj.segments.append(("assistant", list(gen.token_ids)))
-        if traj.engine_logprobs is not None:
-            traj.engine_logprobs = None if gen.logprobs is None else traj.engine_logprobs + list(gen.logprobs)
+        if gen.logprobs is None:
+            traj.engine_logprobs = None
+        elif traj.engine_logprobs is not None:
+            traj.engine_logprobs.extend(gen.logprobs)
         traj.messages.append({"role": "assistant", "content": text})
 
     def record_turn(self, choice: str, reward: float, is_answer: bool) -> None:

@@ -137,6 +137,7 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     times["sync"] = phase_clock(env.device) - t0
     t0 = phase_clock(env.device)
     trajectories = rollout(s, [s.train_tasks[i] for i in task_ids], task_ids, step_seed, r.group_size,
+                           return_logprobs=r.old_logprobs == "engine",
                            temperature=r.temperature)
     s.engine.sleep()
     times["generate"] = phase_clock(env.device) - t0
@@ -218,10 +219,12 @@ def sync_engine(s: RLSetup) -> None:
 
 def rollout(
     s: RLSetup, tasks: list[Any], task_ids: list[int], seed: int, group_size: int, *, temperature: float,
-    gym_seed_base: int = 6,
+    return_logprobs: bool, gym_seed_base: int = 6,
 ) -> list[Trajectory]:
-    """``group_size`` episodes of every task, sampled at ``temperature`` (with ``rollout.top_p``; 0: greedy);
-    the ranks of a tensor-parallel group must pass the same arguments and get the same trajectories."""
+    """``group_size`` episodes of every task, sampled at ``temperature`` (with ``rollout.top_p``; 0: greedy),
+    with the engine's log-probs of the sampled tokens when ``return_logprobs`` (they cost the engine a
+    log-softmax per decoded token); the ranks of a tensor-parallel group must pass the same arguments and get
+    the same trajectories."""
     cfg = s.cfg
     params = GenerationParams(
         max_tokens=cfg.rollout.max_turn_tokens,
@@ -229,7 +232,7 @@ def rollout(
         top_p=1.0 if temperature == 0.0 else cfg.rollout.top_p,
         seed=seed,
         stop_token_ids=(s.tokenizer.eos_token_id,),
-        return_logprobs=True,
+        return_logprobs=return_logprobs,
     )
     return run_episodes(
         s.engine, s.tokenizer, s.gym_factory, tasks,
@@ -489,7 +492,7 @@ def evaluate(s: RLSetup, step: int) -> dict[str, Any]:
     if mine:
         trajs = rollout(
             s, [s.eval_tasks[e % n] for e in mine], mine, derive_seed(cfg.seed, 7, tp.index), 1,
-            temperature=0.0 if cfg.eval.greedy else cfg.eval.temperature, gym_seed_base=8,
+            temperature=0.0 if cfg.eval.greedy else cfg.eval.temperature, return_logprobs=False, gym_seed_base=8,
         )
         if tp.is_leader:  # the group's other ranks hold the same episodes
             records = [{"choices": t.turn_choices, "rewards": t.turn_rewards, "success": t.success} for t in trajs]

@@ -28,25 +28,26 @@ def fake_setup(overrides: list[str]) -> SimpleNamespace:
 def test_evaluation_decodes_and_reports_as_configured(monkeypatch, overrides: list[str], temperature: float):
     calls: list[dict[str, Any]] = []
 
-    def fake_rollout(s, tasks, task_ids, seed, group_size, *, temperature, gym_seed_base):
-        calls.append({"tasks": tasks, "temperature": temperature})
+    def fake_rollout(s, tasks, task_ids, seed, group_size, *, temperature, return_logprobs, gym_seed_base):
+        calls.append({"tasks": tasks, "temperature": temperature, "return_logprobs": return_logprobs})
         return [SimpleNamespace(turn_choices=["answer"] * 11, turn_rewards=[0.0] * 10 + [1.0], success=True)
                 for _ in tasks]  # solved with the 11th answer
 
     monkeypatch.setattr(rl, "sync_engine", lambda s: None)
     monkeypatch.setattr(rl, "rollout", fake_rollout)
     summary = rl.evaluate(fake_setup([*overrides, "eval.max_k=11"]), step=4)
-    assert calls == [{"tasks": ["t0", "t1", "t2"], "temperature": temperature}]
+    assert calls == [{"tasks": ["t0", "t1", "t2"], "temperature": temperature, "return_logprobs": False}]
     assert summary["step"] == 4 and list(summary["pass_at_u"]) == list(range(1, 12))
     assert summary["pass_at_u"][10] == 0.0 and summary["pass_at_u"][11] == 1.0
 
 
-@pytest.mark.parametrize(("temperature", "top_p"), [(0.0, 1.0), (0.7, 0.9)])
-def test_rollout_maps_the_temperature_to_generation_params(monkeypatch, temperature: float, top_p: float):
+@pytest.mark.parametrize(("temperature", "top_p", "return_logprobs"), [(0.0, 1.0, False), (0.7, 0.9, True)])
+def test_rollout_maps_its_arguments_to_generation_params(monkeypatch, temperature, top_p, return_logprobs):
     seen = {}
     monkeypatch.setattr(rl, "run_episodes", lambda *args, params, **kwargs: seen.setdefault("params", params))
     s = fake_setup(["rollout.top_p=0.9"])
     s.tokenizer, s.gym_factory = SimpleNamespace(eos_token_id=2), None
-    rl.rollout(s, ["t0"], [0], 5, 1, temperature=temperature)
+    rl.rollout(s, ["t0"], [0], 5, 1, temperature=temperature, return_logprobs=return_logprobs)
     params = seen["params"]
-    assert (params.temperature, params.top_p, params.seed, params.stop_token_ids) == (temperature, top_p, 5, (2,))
+    assert (params.temperature, params.top_p, params.seed, params.stop_token_ids, params.return_logprobs) == (
+        temperature, top_p, 5, (2,), return_logprobs)

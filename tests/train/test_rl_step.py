@@ -41,24 +41,37 @@ def _trajectories() -> list[Trajectory]:
     return out
 
 
-def test_update_gets_the_shaped_advantages_of_the_rollouts(monkeypatch: pytest.MonkeyPatch) -> None:
+def _run_step(monkeypatch: pytest.MonkeyPatch, overrides: list[str], trajectories: list[Trajectory]) -> dict:
+    """One ``rl_step`` on ``trajectories`` as its rollouts; its config and what the rollout and the policy update
+    were given."""
     cfg = load_config(None, ["model.tiny=true", "algo.name=bao", "rollout.prompts_per_step=2",
-                             "rollout.group_size=2", "train.mini_batch_size=2", "env.max_turns=4"])
-    trajectories = _trajectories()
-    captured: dict[str, torch.Tensor] = {}
-    monkeypatch.setattr(rl, "sync_engine", lambda s: None)
-    monkeypatch.setattr(rl, "rollout", lambda *args, **kwargs: trajectories)
-    monkeypatch.setattr(rl, "forward_logprobs", lambda policy, batch, *a, **k: torch.zeros(batch.num_tokens))
+                             "rollout.group_size=2", "train.mini_batch_size=2", "env.max_turns=4", *overrides])
+    captured: dict = {"cfg": cfg}
+
+    def rollout(*args, return_logprobs: bool, **kwargs) -> list[Trajectory]:
+        captured["return_logprobs"] = return_logprobs
+        return trajectories
 
     def update(s, state, batch, cuts, old_logp, advantages, ref_logp):
-        captured["advantages"] = advantages.clone()
+        captured.update(batch=batch, old_logp=old_logp.clone(), advantages=advantages.clone())
         return {}
 
+    monkeypatch.setattr(rl, "sync_engine", lambda s: None)
+    monkeypatch.setattr(rl, "rollout", rollout)
+    monkeypatch.setattr(rl, "forward_logprobs", lambda policy, batch, *a, **k: torch.zeros(batch.num_tokens))
     monkeypatch.setattr(rl, "policy_update", update)
     s = SimpleNamespace(cfg=cfg, env=SimpleNamespace(device=torch.device("cpu")), policy=None, ref_policy=None,
                         engine=SimpleNamespace(sleep=lambda: None), tp_group=TPGroup(1, 0, 1, 0), train_tasks=[0, 1])
     state = SimpleNamespace(step=0, sampler=SimpleNamespace(next=lambda n: list(range(n))))
     rl.rl_step(s, state)
+    return captured
+
+
+def test_update_gets_the_shaped_advantages_of_the_rollouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    trajectories = _trajectories()
+    captured = _run_step(monkeypatch, [], trajectories)
+    cfg = captured["cfg"]
+    assert captured["return_logprobs"] is False  # recomputed old log-probs: the engine's are not needed
 
     batch = pack_segments([t.segments for t in trajectories])
     per_token = shaped_advantages_reference(
@@ -87,3 +100,29 @@ def test_phase_clock_waits_for_the_gpu_and_the_peak_is_per_step() -> None:
     assert rl.peak_memory_gb(env) >= 0.25
     rl.reset_peak_memory(env)
     assert rl.peak_memory_gb(env) < 0.25
+
+
+def _with_engine_logprobs(trajectories: list[Trajectory]) -> list[Trajectory]:
+    """``trajectories`` whose engine log-prob of assistant token id ``k`` is ``-k / 100`` (all distinct)."""
+    for t in trajectories:
+        t.engine_logprobs = [-tok / 100 for role, ids in t.segments if role == "assistant" for tok in ids]
+    return trajectories
+
+
+def test_engine_old_logprobs_reach_the_update_row_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
+    trajectories = _with_engine_logprobs(_trajectories())
+    captured = _run_step(monkeypatch, ["rollout.old_logprobs=engine"], trajectories)
+    assert captured["return_logprobs"] is True
+    batch, old_logp = captured["batch"], captured["old_logp"]
+    expected = torch.zeros(batch.num_tokens)
+    rows = batch.target_rows.tolist()
+    expected[rows] = -batch.input_ids[[r + 1 for r in rows]].float() / 100  # row r scores token r + 1
+    assert len(rows) == sum(n for _, _, lengths in EPISODES for n in lengths)
+    torch.testing.assert_close(old_logp, expected, rtol=0, atol=1e-7)
+
+
+def test_engine_old_logprobs_must_cover_every_assistant_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    trajectories = _with_engine_logprobs(_trajectories())
+    trajectories[2].engine_logprobs.pop()
+    with pytest.raises(ValueError, match="engine log-probs for every assistant token"):
+        _run_step(monkeypatch, ["rollout.old_logprobs=engine"], trajectories)
