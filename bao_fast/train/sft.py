@@ -86,12 +86,14 @@ def eval_loss(policy: Policy, data: list[Segments], env: DistEnv, micro_batch_to
     local = _shard(data, env)
     weight = 1.0 if local else 0.0
     batch = pack_segments(local or data[:1], env.device)
-    total, count = 0.0, 0.0
+    total = torch.zeros((), dtype=torch.float64, device=env.device)  # read once: no host sync per micro-batch
+    count = 0.0
     with torch.no_grad():
         for micro, w in lockstep(batch.split(micro_batch_tokens)):
             nll, n = _nll_sums(policy, micro, w * weight)
-            total, count = total + float(nll), count + n
-    total, count = sum_over_ranks([total, count])
+            total += nll
+            count += n
+    total, count = sum_over_ranks([float(total), count])
     return total / max(count, 1.0)
 
 
@@ -159,12 +161,12 @@ def sft_step(s: SFTSetup, state: SFTState, chunk: list[Segments]) -> dict[str, A
     batch = pack_segments(local or chunk[:1], env.device)
     weight = 1.0 if local else 0.0
     num_targets = sum_over_ranks([float(batch.target_rows.numel()) * weight])[0]
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)  # read once: no host sync per micro-batch
     for micro, w in lockstep(batch.split(cfg.micro_batch_tokens)):
         nll, _ = _nll_sums(s.policy, micro, w * weight)
         s.loss_scale.scaled(nll / max(num_targets, 1.0)).backward()
-        loss_sum += float(nll.detach())
-    loss = sum_over_ranks([loss_sum])[0] / max(num_targets, 1.0)
+        loss_sum += nll.detach()
+    loss = sum_over_ranks([float(loss_sum)])[0] / max(num_targets, 1.0)
     s.loss_scale.unscale_(s.policy)
     grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
     lr = s.scheduler.get_last_lr()[0]
