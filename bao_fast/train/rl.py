@@ -303,7 +303,8 @@ def policy_update(
     norm is not finite: a loss-scale overflow (``s.loss_scale``) halves the scale, otherwise ``state.guard``
     counts the steps that skipped one); returns the loss averaged over the updates, the statistics (clip
     fractions, KLs, entropy) over the step's trained tokens (each update's weighted by its mini-batch's), the
-    mean grad norm, the lr, the skipped updates (and overflows and the scale, when scaling).
+    mean grad norm of the applied updates (nan when none was), the lr, the skipped updates (and overflows and
+    the scale, when scaling).
     With ``rollout.old_logprobs=recompute`` the first mini-batch's rows of ``old_logp`` are filled by its
     first update (on the old weights) and reused by later epochs."""
     cfg = s.cfg
@@ -332,7 +333,6 @@ def policy_update(
             else:
                 skipped += 1
                 nonfinite = nonfinite or {"loss": stats["loss"], "grad_norm": grad_norm}
-                grad_norms.append(grad_norm)
             advance_schedule(s.scheduler)
             s.optimizer.zero_grad(set_to_none=True)
             weight += tokens

@@ -54,7 +54,7 @@ def batch():
 
 def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, epochs: int,
                old_logp: torch.Tensor | None = None, overrides: tuple[str, ...] = (), steps: int = 1,
-               advantage_scale: float = 1.0, loss_scale: LossScale | None = None):
+               advantage_scale: float | torch.Tensor = 1.0, loss_scale: LossScale | None = None):
     """``steps`` policy_updates (RL steps) on fresh weights (``loss_scale``: the config's for float32 unless
     given); returns (policy, old_logp after the first, the last step's stats, no-grad forwards)."""
     cfg = load_config(None, [
@@ -176,11 +176,23 @@ def test_max_nonfinite_steps_counts_rl_steps_not_optimiser_updates(model_dir, ba
     policy, _, stats, _ = run_update(model_dir, batch, "recompute", 1, 1, overrides=nonfinite,
                                      advantage_scale=float("nan"))
     assert stats["actor/skipped_updates"] == PROMPTS  # four updates skipped, one non-finite step
+    assert math.isnan(stats["actor/grad_norm"])  # no update applied
     init = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for p, q in zip(policy.hf.parameters(), init.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     with pytest.raises(NonFiniteError, match="step 2: 2 consecutive steps"):
         run_update(model_dir, batch, "recompute", 1, 1, overrides=nonfinite, steps=2, advantage_scale=float("nan"))
+
+
+def test_a_skipped_update_leaves_the_others_grad_norms_logged(model_dir, batch):
+    """One non-finite mini-batch out of four: its update is skipped, the other three apply, and the step's grad
+    norm is their mean (finite), not poisoned by the skipped one's."""
+    first = batch.host_offsets().tokens[GROUP]  # the first mini-batch: one prompt's GROUP trajectories
+    scale = torch.ones(batch.num_tokens)
+    scale[:first] = float("nan")
+    _, _, stats, _ = run_update(model_dir, batch, "recompute", 1, 1, advantage_scale=scale)
+    assert stats["actor/skipped_updates"] == 1
+    assert math.isfinite(stats["actor/grad_norm"]) and stats["actor/grad_norm"] > 0
 
 
 def test_dynamic_loss_scaling_gives_the_unscaled_update_in_float32(model_dir, batch):
