@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bao_fast.data.packed import PackedBatch
-from bao_fast.models.varlen_attention import enable_varlen_attention, varlen_forward
+from bao_fast.models.varlen_attention import enable_varlen_attention, varlen_inputs
 from bao_fast.ops.logprobs import token_logprobs
 
 # Config keys of heads that post-process the logits in ways token_logprobs does not reproduce, with the value
@@ -83,12 +83,9 @@ def packed_token_logprobs(
         raise ValueError("batch has no tokens: the backbone cannot run on an empty packed batch")
     weight, bias = lm_head(model)
     inputs = {"input_ids": batch.input_ids[None], "position_ids": batch.position_ids[None], "use_cache": False}
-    if enable_varlen_attention(model):
-        seq_lens = batch.host_offsets().tokens.diff().tolist()  # host description: no device sync
-        with varlen_forward():
-            out = backbone(model)(**inputs, varlen_seq_lens=tuple(seq_lens))
-    else:
-        out = backbone(model)(**inputs)
+    if enable_varlen_attention(model):  # lengths from the host description: no device sync
+        inputs |= varlen_inputs(batch.host_offsets().tokens.diff().tolist(), batch.device)
+    out = backbone(model)(**inputs)
     hidden = out.last_hidden_state[0]
     return token_logprobs(
         hidden,

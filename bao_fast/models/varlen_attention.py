@@ -4,10 +4,11 @@ transformers attends over a packed stream (batch 1, ``position_ids`` restarting 
 eager by building a dense ``[T, T]`` block-diagonal mask, so attention costs ``T²`` instead of ``Σ L_b²``.
 This module registers ``bao_varlen_sdpa`` and ``bao_varlen_eager``: implementations that behave exactly like
 their base (``sdpa`` / ``eager``: same masks, same attention) unless the forward gets
-``varlen_seq_lens=(L_0, ..., L_{B-1})``; then no mask is built and every trajectory attends causally to its
-own slice of the stream only: on CUDA with fp16/bf16 inputs in one flash-attention varlen launch
-(``torch.nn.attention.varlen.varlen_attn``, where this torch has it), otherwise one
-``scaled_dot_product_attention`` per run of consecutive equal-length trajectories.
+``varlen_inputs(seq_lens, device)``: ``varlen_seq_lens=(L_0, ..., L_{B-1})`` and an empty, "already prepared"
+4-D ``attention_mask``, so transformers builds no mask and runs no packed-sequence detection (which reads the
+device). Then every trajectory attends causally to its own slice of the stream only: on CUDA with fp16/bf16
+inputs in one flash-attention varlen launch (``torch.nn.attention.varlen.varlen_attn``, where this torch has
+it), otherwise one ``scaled_dot_product_attention`` per run of consecutive equal-length trajectories.
 
 The switch is permanent on the model (``enable_varlen_attention``) rather than scoped to one forward: with
 gradient checkpointing the decoder layers run again in the backward pass, after any scope has closed, and
@@ -20,9 +21,7 @@ import functools
 import inspect
 import itertools
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -36,9 +35,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 VARLEN_IMPLEMENTATIONS = {"sdpa": "bao_varlen_sdpa", "eager": "bao_varlen_eager"}
 #: attention kwargs of logit transforms the per-sequence path does not reproduce.
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
-
-# True while a varlen forward builds its masks: the mask functions then return None (no [T, T] mask).
-_VARLEN_FORWARD: ContextVar[bool] = ContextVar("bao_varlen_forward", default=False)
 
 try:  # flash-attention varlen (CUDA): torch >= 2.9; its causal flag changed name across versions
     from torch.nn.attention.varlen import varlen_attn as _FLASH_VARLEN
@@ -197,17 +193,12 @@ def _varlen_attention_forward(
     return out, None
 
 
-def _varlen_mask(*, base: str, **kwargs: Any) -> torch.Tensor | None:
-    """The ``AttentionMaskInterface`` entry: no mask during a varlen forward, else the base mask."""
-    if _VARLEN_FORWARD.get():
-        return None
-    return ALL_MASK_ATTENTION_FUNCTIONS[base](**kwargs)
-
-
 def _register() -> None:
+    """Register each varlen implementation with its base's mask function (the mask of a forward without
+    ``varlen_inputs``; with them, transformers passes the prepared placeholder through unbuilt)."""
     for base, name in VARLEN_IMPLEMENTATIONS.items():
         AttentionInterface.register(name, partial(_varlen_attention_forward, base=base))
-        AttentionMaskInterface.register(name, partial(_varlen_mask, base=base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
 _register()
@@ -242,11 +233,13 @@ def enable_varlen_attention(model: nn.Module) -> bool:
     return True
 
 
-@contextmanager
-def varlen_forward() -> Iterator[None]:
-    """Scope of a forward that passes ``varlen_seq_lens``: its mask creation returns None (no dense mask)."""
-    token = _VARLEN_FORWARD.set(True)
-    try:
-        yield
-    finally:
-        _VARLEN_FORWARD.reset(token)
+def varlen_inputs(seq_lens: Sequence[int], device: torch.device) -> dict[str, Any]:
+    """Forward kwargs of a varlen forward over trajectories of ``seq_lens`` tokens (host ints, in stream order)
+    of a model switched by ``enable_varlen_attention``: the lengths, and an empty bool ``[1, 1, 0, 0]``
+    attention mask that transformers takes as already prepared and hands to the layers as is (the varlen
+    attention ignores it; an attention that would read it fails on its shape instead of attending across
+    trajectories)."""
+    return {
+        "varlen_seq_lens": tuple(seq_lens),
+        "attention_mask": torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device),
+    }

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, masking_utils
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import bao_fast.models.varlen_attention as varlen
@@ -89,18 +89,37 @@ def test_packed_varlen_equals_separate(model_dir: Path, batch_name: str, attn: s
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_varlen_path_builds_no_mask(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _load(model_dir)
-    batch = pack_segments(_trajectories(model.config.vocab_size, BATCHES["mixed"], seed=1))
-    masks, calls = [], []
+ARCHITECTURES = {"qwen2": SPEC, "llama": SPEC,  # (mistral's sliding window keeps it on its own attention)
+                 "qwen3": TinyModelSpec(hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                                        num_attention_heads=2, num_key_value_heads=1)}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_varlen_path_builds_no_mask_and_reads_no_device(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers neither builds a mask nor looks for packed sequences in ``position_ids`` (a device read:
+    a host sync per forward on a GPU); every layer gets the trajectory lengths; values as running each alone."""
+    model_dir = create_tiny_model(tmp_path / arch, spec=ARCHITECTURES[arch], seed=5, arch=arch)
+    model, ref_model = _load(model_dir), _load(model_dir)
+    trajectories = _trajectories(model.config.vocab_size, BATCHES["mixed"], seed=1)
+    batch = pack_segments(trajectories)
+    masks, detections, calls = [], [], []
     dense = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
     monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda **kw: masks.append(dense(**kw)))
+    detect = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda *a, **kw: detections.append(1) or detect(*a, **kw))
     inner = varlen.varlen_causal_attention
     monkeypatch.setattr(varlen, "varlen_causal_attention", lambda *a, **kw: calls.append(a[3]) or inner(*a, **kw))
-    packed_token_logprobs(model, batch)
-    assert masks == []
+    logp = packed_token_logprobs(model, batch, temperature=TEMPERATURE)
+    assert masks == [] and detections == []
     expected = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     assert [list(c) for c in calls] == [expected] * SPEC.num_hidden_layers
+    rows = batch.target_rows
+    torch.testing.assert_close(logp[rows], _separate(ref_model, trajectories)[0][rows], rtol=0, atol=1e-5)
+    ref_model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False)  # can fail:
+    assert detections  # a plain packed forward does run the detection
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
