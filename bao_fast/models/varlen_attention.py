@@ -43,10 +43,16 @@ except ImportError:
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=8)
+def _parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
+    """``fn``'s parameter names, read once (every layer of every forward asks)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _flash_causal_kwargs(fn: Callable[..., torch.Tensor], gqa: bool, scaling: float | None) -> dict[str, Any] | None:
     """Keyword arguments that make ``varlen_attn`` causal (GQA, scaled by ``scaling``) in this torch; None if it
     cannot be (no causal flag, or a custom scale that this version does not take)."""
-    params = inspect.signature(fn).parameters
+    params = _parameter_names(fn)
     if "window_size" in params:
         kwargs: dict[str, Any] = {"window_size": (-1, 0)}
     elif "is_causal" in params:

@@ -141,7 +141,8 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
                            temperature=r.temperature)
     s.engine.sleep()
     times["generate"] = phase_clock(env.device) - t0
-    tp.check_identical([(t.input_ids, t.turn_rewards, t.turn_choices, t.end_reason) for t in trajectories])
+    if tp.size > 1:  # (the description flattens every trajectory's tokens: not built for nothing)
+        tp.check_identical([(t.input_ids, t.turn_rewards, t.turn_choices, t.end_reason) for t in trajectories])
     trajectories = tp.member_share(trajectories)  # task-major: whole GRPO groups (tasks per group % tp == 0)
 
     # 3. pack
