@@ -184,8 +184,12 @@ def run_episodes(
 
     openings = lead(open_episodes)
     episodes: list[_Episode] = []
+    encoded: dict[tuple, list[int]] = {}  # a group's episodes usually open alike: each opening encoded once
     for gym, i, messages in zip(gyms, slots, openings):
-        prompt = fmt.prompt_ids(messages)
+        key = tuple(tuple(sorted(m.items())) for m in messages)
+        if key not in encoded:
+            encoded[key] = fmt.prompt_ids(messages)
+        prompt = list(encoded[key])
         if len(prompt) > limit - 1:
             raise ValueError(f"task {i}: opening prompt has {len(prompt)} tokens, max_model_len is {limit}")
         traj = Trajectory(str(getattr(tasks[i], "id", i)), i, seed_of[i], [("user", prompt)], messages=list(messages))

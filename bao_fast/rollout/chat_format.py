@@ -21,6 +21,7 @@ writes ``<|im_end|>`` cannot close a turn or open a new one in the token stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
@@ -77,12 +78,20 @@ class ChatFormat:
     def feedback_ids(self, feedback: str, assistant_ended_with_eos: bool) -> list[int]:
         """Ids that close the assistant turn and carry ``feedback`` (plain text, see :meth:`text_ids`) as
         the next user message, up to and including the next generation prompt."""
+        closing = self._closing_ids[assistant_ended_with_eos]
+        return [*closing, *self.text_ids(feedback), *self._after_user_ids]
+
+    @cached_property
+    def _closing_ids(self) -> dict[bool, tuple[int, ...]]:
+        """Ids of the template text that closes an assistant turn, keyed by whether the engine's output ended
+        in eos (then the text's leading eos is dropped); encoded once, not every turn."""
         closing = self.after_assistant
-        if assistant_ended_with_eos and closing.startswith(self.eos_text):
-            closing = closing[len(self.eos_text) :]
+        without_eos = closing[len(self.eos_text) :] if closing.startswith(self.eos_text) else closing
         encode = self.tokenizer.encode
-        return [
-            *encode(closing, add_special_tokens=False),
-            *self.text_ids(feedback),
-            *encode(self.after_user, add_special_tokens=False),
-        ]
+        return {False: tuple(encode(closing, add_special_tokens=False)),
+                True: tuple(encode(without_eos, add_special_tokens=False))}
+
+    @cached_property
+    def _after_user_ids(self) -> tuple[int, ...]:
+        """Ids of the template text between a user message and the next generation, encoded once."""
+        return tuple(self.tokenizer.encode(self.after_user, add_special_tokens=False))

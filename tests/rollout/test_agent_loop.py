@@ -295,3 +295,22 @@ def test_a_gym_that_cannot_reset_a_task_names_the_task(tokenizer):
                      params=GenerationParams(max_tokens=32), max_turns=4)
     assert info.value.__notes__ == [f"raised by _CannotReset.reset on task {TASKS[1].id!r} (task index 1, seed 8)"]
     assert engine.calls == []  # nothing was generated
+
+
+def test_each_episode_starts_from_its_own_opening(tokenizer) -> None:
+    """Openings are encoded once per distinct text: a group whose gyms open differently (here every second
+    gym) still gets each episode's own prompt, and episodes never share one prompt list."""
+    opened = iter(range(100))
+
+    class AlternatingGym(EndlessGym):
+        def _reset(self, task):
+            return [{"role": "user", "content": f"Task {task}, variant {next(opened) % 2}."}]
+
+    engine = ScriptedEngine(tokenizer, lambda text: "ok")
+    trajs = run_episodes(engine, tokenizer, lambda: AlternatingGym(max_turns=1), ["a", "b"], group_size=3,
+                         params=GenerationParams(max_tokens=8), max_turns=1)
+    fmt = ChatFormat.from_tokenizer(tokenizer)
+    prompts = [t.segments[0][1] for t in trajs]
+    assert prompts == [fmt.prompt_ids(t.messages[:1]) for t in trajs]
+    assert [t.messages[0]["content"].split(", ")[1] for t in trajs] == [f"variant {k % 2}." for k in range(6)]
+    assert len({id(p) for p in prompts}) == 6
