@@ -24,6 +24,8 @@ def test_integer_coefficients_become_floats() -> None:
         ({"gamma": 1.5}, ValueError, r"ShapingConfig.gamma must be in \[0, 1\], got 1.5"),
         ({"info_seeking_coef": -0.1}, ValueError, "info_seeking_coef and overthinking_coef must be >= 0"),
         ({"horizon": 0}, ValueError, "ShapingConfig.horizon must be >= 1, got 0"),
+        ({"turn_credit": "gae"}, ValueError, r"ShapingConfig.turn_credit must be one of \('r2g', 'equalized', 'em'\)"),
+        ({"score": "max"}, ValueError, r"ShapingConfig.score must be one of \('sum', 'mean', 'r2g'\), got 'max'"),
         ({"eps": 0}, ValueError, "ShapingConfig.eps must be > 0, got 0.0"),
         ({"eps": float("inf")}, ValueError, "ShapingConfig.eps must be finite, got inf"),
         ({"info_seeking_coef": float("nan")}, ValueError, "ShapingConfig.info_seeking_coef must be finite, got nan"),

@@ -161,7 +161,7 @@ def _info_ok(info: dict, turn: int) -> None:
 
 def test_gym_episode_flow_and_truncation() -> None:
     gym = _EchoGym(max_turns=3)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"_EchoGym\.step called before reset"):
         gym.step("[action] x")
     assert gym.reset("task", seed=1)[1]["content"] == "task"
     r1 = gym.step("[action] hi")
@@ -173,7 +173,7 @@ def test_gym_episode_flow_and_truncation() -> None:
     r3 = gym.step("[answer] no")
     assert r3.truncated and not r3.terminated and gym.done and r3.info["user_involved"]
     assert gym.num_turns == 3
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"_EchoGym\.step called on a finished episode; call reset first"):
         gym.step("[answer] yes")
 
 

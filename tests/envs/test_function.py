@@ -82,43 +82,48 @@ def test_evaluate_matches_python_arithmetic(rule: str, point: tuple[int, int, in
 
 
 @pytest.mark.parametrize(
-    "attack",
+    ("attack", "reason"),
     [
-        "__import__('os').system('true')",
-        "a.__class__",
-        "(lambda: 1)()",
-        "a if b else c",
-        "a < b",
-        "[a, b]",
-        "'a' * 3",
-        "a // b",
-        "a % b",
-        "a @ b",
-        "abs(a)",
-        "x + a",
-        "True + a",
-        "1e999 * a",
-        "10 ** 16 + a",
-        "a; b",
-        "a = 1",
-        "(" * 300 + "a" + ")" * 300,
-        " + ".join(["a"] * 200),
-        "",
-        "1j * a",
+        ("__import__('os').system('true')", "syntax Call is not allowed"),
+        ("a.__class__", "syntax Attribute is not allowed"),
+        ("(lambda: 1)()", "syntax Call is not allowed"),
+        ("a if b else c", "syntax IfExp is not allowed"),
+        ("a < b", "syntax Compare is not allowed"),
+        ("[a, b]", "syntax List is not allowed"),
+        ("'a' * 3", "literal 'a' is not a real number"),
+        ("a // b", r"operator FloorDiv is not allowed \(only \+ - \* / \*\*\)"),
+        ("a % b", "operator Mod is not allowed"),
+        ("a @ b", "operator MatMult is not allowed"),
+        ("~a", "unary operator Invert is not allowed"),
+        ("not a", "unary operator Not is not allowed"),
+        ("abs(a)", "syntax Call is not allowed"),
+        ("x + a", r"name 'x' is not allowed; variables are \['a', 'b', 'c', 'd'\]"),
+        ("True + a", "literal True is not a real number"),
+        ("1e999 * a", r"literal inf is out of range \(\|x\| <= 1e\+15\)"),
+        ("10 ** 16 + a", r"intermediate result exceeds 1e\+15 in magnitude"),
+        ("a; b", "expression 'a; b' is not valid arithmetic"),
+        ("a = 1", "expression 'a = 1' is not valid arithmetic"),
+        ("(" * 300 + "a" + ")" * 300, "expression longer than 256 characters"),
+        (" + ".join(["a"] * 200), "expression longer than 256 characters"),
+        ("+".join(["a"] * 100), "expression has more than 128 syntax nodes"),  # 199 characters
+        ("", "expression '' is not valid arithmetic"),
+        ("1j * a", "literal 1j is not a real number"),
     ],
 )
-def test_evaluator_rejects_attacks(attack: str) -> None:
-    with pytest.raises(RuleError):
+def test_evaluator_rejects_attacks(attack: str, reason: str) -> None:
+    with pytest.raises(RuleError, match=reason):
         evaluate_rule(attack, 1, 2, 3, 4)
 
 
 @pytest.mark.parametrize(
-    ("rule", "point"),
-    [("a ** 100000", (2, 1, 1, 1)), ("9 ** 9 ** 9", (1, 1, 1, 1)), ("a ** b ** c", (10, 10, 10, 1)),
-     ("a * b * c * d * a * b * c * d", (1000, 1000, 1000, 1000))],
+    ("rule", "point", "reason"),
+    [("a ** 100000", (2, 1, 1, 1), "exponent 100000 exceeds 64"),
+     ("9 ** 9 ** 9", (1, 1, 1, 1), "exponent 387420489 exceeds 64"),
+     ("a ** b ** c", (10, 10, 10, 1), "exponent 10000000000 exceeds 64"),
+     ("a * b * c * d * a * b * c * d", (1000, 1000, 1000, 1000), r"intermediate result exceeds 1e\+15")],
 )
-def test_evaluator_bounds_huge_values(rule: str, point: tuple[int, ...]) -> None:
-    with pytest.raises(RuleError) as info:
+def test_evaluator_bounds_huge_values(rule: str, point: tuple[int, ...], reason: str) -> None:
+    with pytest.raises(RuleError, match=reason) as info:
         evaluate_rule(rule, *point)
     assert not isinstance(info.value, UndefinedResult)
 
@@ -203,9 +208,12 @@ def test_generate_tasks_split_and_errors() -> None:
     test = generate_tasks(30, (1, 2, 3, 4, 5), seed=0, split="test")
     assert not {t.rule for t in train} & {t.rule for t in test}
     assert {t.id.split("-")[1] for t in train} == {f"L{lv}" for lv in LEVELS}
-    for bad in ({"n": -1, "level": 1}, {"n": 2, "level": 6}, {"n": 2, "level": ()}):
-        with pytest.raises(ValueError):
-            generate_tasks(seed=0, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n must be a non-negative int, got -1"):
+        generate_tasks(-1, 1, seed=0)
+    with pytest.raises(ValueError, match=r"level must be in \(1, 2, 3, 4, 5\) or a non-empty sequence of them, got 6"):
+        generate_tasks(2, 6, seed=0)
+    with pytest.raises(ValueError, match=r"level must be in .* or a non-empty sequence of them, got \(\)"):
+        generate_tasks(2, (), seed=0)
     with pytest.raises(ValueError, match="split"):
         generate_tasks(2, 1, 0, split="val")
     with pytest.raises(ValueError, match="level"):
@@ -215,7 +223,7 @@ def test_generate_tasks_split_and_errors() -> None:
 def test_function_task_validation() -> None:
     with pytest.raises(ValueError, match="test_case"):
         FunctionTask("x", "a + b + c + d", (1, 2, 3), 6.0)  # type: ignore[arg-type]
-    with pytest.raises(RuleError):
+    with pytest.raises(RuleError, match="syntax Attribute is not allowed"):
         FunctionTask("x", "a.real", (1, 2, 3, 4), 1.0)
     with pytest.raises(ValueError, match="expected_result"):
         FunctionTask("x", "a + b + c + d", (1, 2, 3, 4), math.nan)

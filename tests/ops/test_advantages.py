@@ -148,7 +148,10 @@ def _bad(batch, index, value):
         (lambda b: _bad(b, 2, b[2].flip(0)), ValueError, "turn_offsets"),
         (lambda b: _bad(b, 3, b[3].int()), TypeError, "group_ids"),
         (lambda b: _bad(b, 3, b[3][None]), ValueError, "group_ids"),
-        (lambda b: _bad(b, 4, b[4] + 10_000), ValueError, "token_turn_ids"),
+        (lambda b: _bad(b, 3, b[3].to("meta")), ValueError, r"group_ids is on meta, expected cpu \(turn_rewards'"),
+        (lambda b: _bad(b, 3, b[3][:0]), ValueError, "group_ids must hold at least one trajectory"),
+        (lambda b: _bad(b, 4, b[4] + 10_000), ValueError, r"token_turn_ids must lie in \[-1, M\)"),
+        (lambda b: _bad(b, 4, torch.cat([b[4], b[4].new_tensor([-2])])), ValueError, r"token_turn_ids must lie in \["),
         (lambda b: _bad(b, 4, b[4].tolist()), TypeError, "token_turn_ids"),
     ],
 )
@@ -233,3 +236,20 @@ def test_em_credits_and_mean_scores_of_a_hand_worked_batch():
         torch.testing.assert_close(out.turn_credits, torch.tensor([0.5, 1.0, c_y], dtype=torch.float64))
         torch.testing.assert_close(out.scores, torch.tensor([0.5, 0.25], dtype=torch.float64))
         torch.testing.assert_close(out.token_advantages, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_r2g_scores_of_a_hand_worked_batch():
+    """``r2g`` scores S = Σ_t γ^(t-1) r̃_t (BAO.md) with γ = 0.5, by hand. X: rewards (1, 0, 1), S = 1 + 0.25 = 1.25;
+    Y: (0, 1), S = 0.5; Z: (0, 0) with two answers, failed: information seeking gives r̃ = (0, -0.1), S = -0.05.
+    X and Y share a group: mean 0.875, Bessel std 0.375·√2; Z is alone: Â = S / (1 + eps)."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    answers = torch.tensor([False, False, True, False, True, True, True])
+    offsets = torch.tensor([0, 3, 5, 7], dtype=torch.int32)
+    batch = (rewards, answers, offsets, torch.tensor([4, 4, 9]), torch.arange(7, dtype=torch.int32))
+    cfg = ShapingConfig("equalized", "r2g", gamma=0.5, info_seeking_coef=0.1, horizon=4)
+    a_hat = 0.375 / (0.375 * 2**0.5 + 1e-6)
+    for out in (shaped_advantages_reference(*batch, cfg), shaped_advantages(*batch, cfg)):
+        torch.testing.assert_close(out.scores, torch.tensor([1.25, 0.5, -0.05], dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+        torch.testing.assert_close(out.normalized_scores, torch.tensor([a_hat, -a_hat, -0.05 / (1 + 1e-6)],
+                                   dtype=torch.float64), rtol=1e-12, atol=1e-12)  # fmt: skip

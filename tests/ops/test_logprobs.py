@@ -210,6 +210,8 @@ def _bad(**over):
         ({"targets": torch.full((6,), 12)}, ValueError, "targets"),
         ({"targets": torch.full((6,), -1)}, ValueError, "targets"),
         ({"bias": torch.randn(11)}, ValueError, "bias"),
+        ({"bias": [0.0] * 12}, TypeError, "bias must be a torch.Tensor or None, got list"),
+        ({"target_rows": [0, 1]}, TypeError, "target_rows must be a torch.Tensor or None, got list"),
         ({"temperature": 0.0}, ValueError, "temperature"),
         ({"temperature": float("nan")}, ValueError, "temperature"),
         ({"temperature": True}, TypeError, "temperature"),

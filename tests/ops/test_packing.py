@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -33,12 +37,40 @@ def make_inputs(
     return seg_lens, seg_trained, seq_seg_offsets, input_ids
 
 
-def poison_allocator(num_tokens: int) -> None:
-    """Free garbage-filled buffers of the output sizes so that unwritten outputs would show up as garbage."""
-    for dtype in (torch.int64, torch.int32, torch.bool):
-        buf = torch.empty(num_tokens + 1, dtype=dtype)
-        buf.view(torch.uint8).fill_(0x5A)
-        del buf
+M_PERTURB = -6  # glibc mallopt: malloc fills each block with ~byte, free with byte
+
+
+@pytest.fixture
+def poisoned_malloc() -> Iterator[None]:
+    """glibc's malloc perturbation for the test: the op's at::empty outputs (posix_memalign underneath) start
+    as 0x5A bytes, so an element it does not write cannot pass as a correct zero or a stale value."""
+    libc = ctypes.CDLL("libc.so.6")
+    assert libc.mallopt(M_PERTURB, 0xA5) == 1
+    try:
+        probe = torch.empty(1000, dtype=torch.int32)
+        assert bool((probe.view(torch.uint8) == 0x5A).all()), "malloc perturbation is not active"
+        del probe
+        yield
+    finally:
+        libc.mallopt(M_PERTURB, 0)
+
+
+@contextlib.contextmanager
+def poisoned_cuda_pool(num_tokens: int) -> Iterator[None]:
+    """Route CUDA allocations to a private pool whose only free memory is 0x5A bytes: a 2 MiB segment for
+    requests <= 1 MiB and a large block for every [T] output, allocated, filled and freed first (the caching
+    allocator hands freed blocks of the pool back)."""
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        blocks = [torch.empty(2**20, dtype=torch.uint8, device="cuda") for _ in range(2)]
+        blocks.append(torch.empty(64 * (num_tokens + 1) + 2**22, dtype=torch.uint8, device="cuda"))
+        for block in blocks:
+            block.fill_(0x5A)
+        del blocks, block
+        probe = torch.empty(num_tokens + 1, dtype=torch.int64, device="cuda")
+        assert bool((probe.view(torch.uint8) == 0x5A).all()), "the pool did not hand back the poisoned memory"
+        del probe
+        yield
 
 
 def assert_matches_reference(batch: PackedBatch, ignore_index: int = -100) -> None:
@@ -51,11 +83,11 @@ def assert_matches_reference(batch: PackedBatch, ignore_index: int = -100) -> No
         assert torch.equal(got.cpu(), expected[name]), f"{name}: {got.tolist()} != {expected[name].tolist()}"
 
 
+@pytest.mark.usefixtures("poisoned_malloc")
 @settings(max_examples=60, deadline=None)
 @given(trajectories=trajectories_st, ignore_index=st.sampled_from([-100, -1, 0]), seed=st.integers(0, 2**16))
 def test_cpu_matches_reference(trajectories: list[list[tuple[int, bool]]], ignore_index: int, seed: int) -> None:
     inputs = make_inputs(trajectories, seed)
-    poison_allocator(inputs[3].numel())
     batch = pack_multiturn(*inputs, ignore_index=ignore_index)
     assert_matches_reference(batch, ignore_index)
     assert batch.num_sequences == len(trajectories)
@@ -63,6 +95,7 @@ def test_cpu_matches_reference(trajectories: list[list[tuple[int, bool]]], ignor
     assert batch.num_turns == sum(tr for traj in trajectories for _, tr in traj)
 
 
+@pytest.mark.usefixtures("poisoned_malloc")
 @pytest.mark.parametrize("num_threads", [1, 2, 5])
 def test_large_batch_matches_reference(num_threads: int) -> None:
     """Enough trajectories to split the C++ kernel over ``num_threads`` threads (grain: 8 trajectories)."""
@@ -75,7 +108,6 @@ def test_large_batch_matches_reference(num_threads: int) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        poison_allocator(inputs[3].numel())
         batch = pack_multiturn(*inputs)
     finally:
         torch.set_num_threads(previous)
@@ -89,6 +121,7 @@ def test_extension_runs_parallel_under_torchs_openmp_backend() -> None:
     assert _C.openmp, "bao_fast._C was built without -fopenmp: the C++ ops would run on one thread"
 
 
+@pytest.mark.usefixtures("poisoned_malloc")
 def test_semantics_on_a_hand_checked_batch() -> None:
     """The contract's alignment rules, spelled out: row t predicts token t+1 of the same trajectory."""
     # Trajectory 0: system(2) assistant(3) user(1); trajectory 1: empty assistant, assistant(2), user(1).
@@ -117,6 +150,7 @@ def test_semantics_on_a_hand_checked_batch() -> None:
         pytest.param([[(0, True), (5, True), (0, True), (2, False)]], id="empty-turns-around-a-turn"),
     ],
 )
+@pytest.mark.usefixtures("poisoned_malloc")
 def test_edge_cases(trajectories: list[list[tuple[int, bool]]]) -> None:
     batch = pack_multiturn(*make_inputs(trajectories))
     assert_matches_reference(batch)
@@ -176,6 +210,8 @@ def _replace(index: int, value: object) -> list[object]:
         (_replace(2, torch.tensor([0, 2], dtype=torch.int32)), ValueError, "seq_seg_offsets must start at 0"),
         (_replace(2, torch.zeros(0, dtype=torch.int32)), ValueError, "seq_seg_offsets must have B"),
         (_replace(2, GOOD[2].long()), ValueError, "seq_seg_offsets must have dtype torch.int32"),
+        (_replace(0, GOOD[0].to("meta")), ValueError, "seg_lens is host metadata and must be a CPU tensor"),
+        (_replace(1, GOOD[1].to("meta")), ValueError, "seg_trained is host metadata and must be a CPU tensor"),
         (_replace(2, GOOD[2].to("meta")), ValueError, "seq_seg_offsets is host metadata"),
         (_replace(3, GOOD[3].int()), ValueError, "input_ids must have dtype torch.int64"),
         (_replace(3, GOOD[3][:5]), ValueError, "len\\(input_ids\\) = 5"),
@@ -199,7 +235,9 @@ def test_ignore_index_must_be_int() -> None:
 @given(trajectories=trajectories_st, seed=st.integers(0, 2**16))
 def test_cuda_matches_reference(trajectories: list[list[tuple[int, bool]]], seed: int) -> None:
     seg_lens, seg_trained, seq_seg_offsets, input_ids = make_inputs(trajectories, seed)
-    batch = pack_multiturn(seg_lens, seg_trained, seq_seg_offsets, input_ids.cuda())
+    input_ids = input_ids.cuda()
+    with poisoned_cuda_pool(input_ids.numel()):
+        batch = pack_multiturn(seg_lens, seg_trained, seq_seg_offsets, input_ids)
     assert batch.cu_seqlens.is_cuda and batch.target_rows.is_cuda
     assert_matches_reference(batch)
 
@@ -212,10 +250,11 @@ def test_cuda_large_batch_without_host_sync() -> None:
     trajectories = trajectories * 2000
     seg_lens, seg_trained, seq_seg_offsets, input_ids = make_inputs(trajectories, seed=11)
     input_ids = input_ids.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        batch = pack_multiturn(seg_lens, seg_trained, seq_seg_offsets, input_ids)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    with poisoned_cuda_pool(input_ids.numel()):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batch = pack_multiturn(seg_lens, seg_trained, seq_seg_offsets, input_ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     assert_matches_reference(batch)

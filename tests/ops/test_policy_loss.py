@@ -135,6 +135,11 @@ def _call(**overrides):
     ("overrides", "error", "match"),
     [
         (dict(logp=lambda t: t.half()), TypeError, "logp"),
+        (dict(logp=lambda t: t.tolist()), TypeError, "logp must be a torch.Tensor, got list"),
+        (dict(old_logp=lambda t: t.to("meta")), ValueError, r"old_logp is on meta, expected cpu \(logp's device\)"),
+        (dict(cu_seqlens=lambda t: t.to("meta")), ValueError, r"cu_seqlens is on meta, expected cpu \(logp's"),
+        (dict(cu_seqlens=lambda t: t[:1]), ValueError, r"cu_seqlens must have B\+1 >= 2 entries, got 1"),
+        (dict(kl_coef=-0.1), ValueError, "kl_coef must be >= 0, got -0.1"),
         (dict(logp=lambda t: t[None]), ValueError, "logp"),
         (dict(old_logp=lambda t: t.double()), TypeError, "old_logp"),
         (dict(advantages=lambda t: t[:-1]), ValueError, "advantages"),

@@ -1,0 +1,38 @@
+"""Host-side collectives in a world of one (gloo): lockstep's padding and its refusal of an empty rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from bao_fast.train import collectives
+from bao_fast.train.collectives import gather_objects, lockstep, max_over_ranks, sum_over_ranks
+
+pytestmark = pytest.mark.usefixtures("single_rank_world")
+
+
+def test_reductions_of_a_single_rank_are_its_own_values() -> None:
+    assert max_over_ranks(2**40) == 2**40 and max_over_ranks(-3) == -3  # int64, not int32
+    assert sum_over_ranks([0.25, -1.5]) == [0.25, -1.5]
+    assert gather_objects({"rank": 0}) == [{"rank": 0}]
+
+
+def test_lockstep_keeps_every_item_with_weight_one() -> None:
+    assert lockstep(["a", "b", "c"]) == [("a", 1.0), ("b", 1.0), ("c", 1.0)]
+
+
+def test_lockstep_pads_with_zero_weight_repeats_of_the_first_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another rank has 5 items: this rank runs its 2 and then 3 weight-0 copies of its first."""
+    counts: list[int] = []
+
+    def five_on_the_busiest_rank(count: int) -> int:
+        counts.append(count)
+        return 5
+
+    monkeypatch.setattr(collectives, "max_over_ranks", five_on_the_busiest_rank)
+    assert lockstep(["a", "b"]) == [("a", 1.0), ("b", 1.0), ("a", 0.0), ("a", 0.0), ("a", 0.0)]
+    assert counts == [2]
+
+
+def test_lockstep_refuses_an_empty_rank() -> None:
+    with pytest.raises(ValueError, match="lockstep: items is empty; every rank needs at least one trajectory"):
+        lockstep([])
