@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type, or an invalid value."""
 
 
+Scheduling = Literal["continuous", "rounds"]
+"""How ``run_episodes`` schedules episodes' turns (``bao_fast.rollout.agent_loop``)."""
+
+
 @dataclass
 class ModelConfig:
     """Policy model. ``tiny: true`` creates a random-weight tiny Qwen2 (``bao_fast.models``) at ``path``
@@ -90,9 +94,13 @@ class RolloutConfig:
 
     Sampling: ``prompts_per_step`` tasks per RL step, each played ``group_size`` times (a GRPO group), at
     ``temperature`` / ``top_p``, each assistant turn at most ``max_turn_tokens`` tokens; ``env_workers``
-    threads step the gyms (and wait on a user simulator) concurrently. vLLM resources: on a GPU its KV cache
-    gets ``gpu_memory_utilization`` of the device, and between rollouts it sleeps (``sleep_level`` 1 offloads
-    its weights to host memory, 2 discards them); ``enforce_eager`` skips CUDA graphs. On the CPU its KV cache
+    threads step the gyms (and wait on a user simulator) concurrently. ``scheduling``: ``continuous`` gives each
+    episode its next turn as soon as its gym step returns while the engine keeps generating the others' (vLLM
+    with ``tensor_parallel_size`` 1); ``rounds`` waits for every live episode's turn, then steps all gyms (what
+    the hf engine and tensor-parallel groups always do; see ``bao_fast.rollout.agent_loop``). vLLM resources:
+    on a GPU its KV cache gets ``gpu_memory_utilization`` of the device, and between rollouts it sleeps
+    (``sleep_level`` 1 offloads its weights to host memory, 2 discards them); ``enforce_eager`` skips CUDA
+    graphs. On the CPU its KV cache
     is ``cpu_kv_cache_gib`` GiB (the ``VLLM_CPU_KVCACHE_SPACE`` environment variable, in GiB, overrides it).
     Weight sync gathers the policy's weights into the engine in buckets of ``weight_sync_bucket_mb`` MiB."""
 
@@ -111,6 +119,7 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512
     old_logprobs: Literal["recompute", "engine"] = "recompute"
     env_workers: int = 8
+    scheduling: Scheduling = "continuous"
 
 
 @dataclass

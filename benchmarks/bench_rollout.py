@@ -1,12 +1,19 @@
 """Benchmark the multi-turn rollout layer: episodes/s and tokens/s of ``run_episodes`` per engine.
 
 Workload: ``--tasks`` prompts × ``--group-size`` episodes, each ``--max-turns`` turns of at most
-``--max-tokens`` sampled tokens (a random-weight model almost never samples eos, so turns are full length)
-with a short fixed environment reply between turns (``ReplyGym`` never ends an episode early, so the shape
-does not depend on what the model writes). Configurations, in the same run and on the same workload:
+``--max-tokens`` sampled tokens (a random-weight model almost never samples eos, so turns are full length
+unless ``--stop-fraction f`` makes a seeded fraction f of the vocabulary stop tokens: turns then end after a
+roughly geometric number of tokens, mean about 1/f, as a real policy's replies vary) with a short fixed
+environment reply between turns (``ReplyGym`` never ends an episode early, so the shape
+does not depend on what the model writes). ``--user-latency-ms L`` makes every reply take a seeded
+uniform 0..2L ms, as a user simulator behind a server does. Configurations, in the same run and on the same
+workload:
 
-* ``vllm`` / ``hf``: ``run_episodes`` on ``VLLMEngine`` / ``HFEngine`` (all live episodes in one
-  ``generate`` call per turn);
+* ``vllm``: ``run_episodes`` on ``VLLMEngine`` with continuous scheduling (an episode's next turn joins the
+  running batch as soon as its reply is in);
+* ``vllm-rounds`` / ``hf``: ``VLLMEngine`` / ``HFEngine`` in rounds (all live episodes in one ``generate``
+  call per turn, then all replies), the baseline continuous scheduling is measured against
+  (``speedup_vs_rounds``);
 * ``vllm-sequential`` / ``hf-sequential``: the same episodes played one at a time (how a naive agent loop
   drives an engine), the baseline that batching across episodes is measured against. They are slow by
   design and timed ``--baseline-repeats`` times (default 3), the batched runs ``--repeats`` times (20).
@@ -22,6 +29,7 @@ that says why. Writes ``benchmarks/results/rollout-<device>.json`` after every e
 false`` until the last (a run that fails in a later engine keeps the rows of the earlier ones).
 
     python benchmarks/bench_rollout.py                           # tiny model, CPU-sized workload
+    python benchmarks/bench_rollout.py --engines vllm --max-turns 8 --max-tokens 96 --user-latency-ms 30 --no-sequential
     python benchmarks/bench_rollout.py --model qwen --tasks 64 --group-size 8 --max-tokens 512   # GPU
 """
 
@@ -29,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
+import random
 import sys
 import tempfile
 import time
@@ -63,9 +73,14 @@ QWEN3_4B_SHAPE = TinyModelSpec(
 
 
 class ReplyGym(Gym):
-    """Answers every turn with the same short observation and runs to its turn budget."""
+    """Answers every turn with the same short observation, after a uniform 0..2 ``latency_s`` seconds seeded by
+    (``episode``, turn): the same latencies in every run and scheduling), and runs to its turn budget."""
 
     name = "reply"
+
+    def __init__(self, max_turns: int, latency_s: float = 0.0, episode: int = 0):
+        super().__init__(max_turns=max_turns)
+        self.latency_s, self.episode = latency_s, episode
 
     def _reset(self, task: Any) -> list[dict[str, str]]:
         return [
@@ -77,6 +92,8 @@ class ReplyGym(Gym):
         raise NotImplementedError
 
     def step(self, action_text: str) -> StepResult:
+        if self.latency_s:
+            time.sleep(random.Random(f"{self.episode}-{self._turn}").uniform(0.0, 2.0 * self.latency_s))
         self._turn += 1
         self._done = self._turn >= self.max_turns
         info = {"choice": "action", "user_involved": False, "success": False, "turn": self._turn}
@@ -108,43 +125,53 @@ def make_engine(name: str, model_dir: Path, cfg: RolloutConfig, device: torch.de
     return VLLMEngine.from_config(model_dir, cfg, seed=0)
 
 
-def rollout(engine: Any, tokenizer: Any, args: argparse.Namespace, sequential: bool) -> list[Trajectory]:
-    params = GenerationParams(max_tokens=args.max_tokens, temperature=1.0, seed=0)
-    gym = lambda: ReplyGym(max_turns=args.max_turns)  # noqa: E731
+def stop_tokens(fraction: float, vocab_size: int) -> tuple[int, ...]:
+    """A seeded ``fraction`` of the token ids ``[3, vocab_size)`` (the specials below 3 left out)."""
+    ids = list(range(3, vocab_size))
+    return tuple(sorted(random.Random(0).sample(ids, round(fraction * len(ids)))))
+
+
+def rollout(engine: Any, tokenizer: Any, args: argparse.Namespace, mode: str) -> list[Trajectory]:
+    """The workload's episodes: ``mode`` continuous / rounds (all at once), or sequential (one at a time)."""
+    params = GenerationParams(max_tokens=args.max_tokens, temperature=1.0, seed=0,
+                              stop_token_ids=stop_tokens(args.stop_fraction, len(tokenizer)))
+    episodes = itertools.count()  # gyms are made in episode order
+    gym = lambda: ReplyGym(args.max_turns, args.user_latency_ms / 1e3, next(episodes))  # noqa: E731
     tasks = list(range(args.tasks))
-    if not sequential:
-        return run_episodes(
-            engine, tokenizer, gym, tasks, group_size=args.group_size, params=params, max_turns=args.max_turns
-        )
+    play = dict(params=params, max_turns=args.max_turns, env_workers=args.tasks * args.group_size)
+    if mode != "sequential":
+        return run_episodes(engine, tokenizer, gym, tasks, group_size=args.group_size, scheduling=mode, **play)
     return [
         traj
         for task in tasks
         for _ in range(args.group_size)
-        for traj in run_episodes(engine, tokenizer, gym, [task], params=params, max_turns=args.max_turns)
+        for traj in run_episodes(engine, tokenizer, gym, [task], **play)
     ]
 
 
 def bench_engine(
     name: str, model_dir: Path, cfg: RolloutConfig, device: torch.device, tokenizer: Any, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """The batched row of engine ``name`` and, unless ``--no-sequential``, its one-episode-at-a-time row."""
+    """The rows of engine ``name``: all episodes at once (vLLM: continuous, then in rounds; hf: in rounds)
+    and, unless ``--no-sequential``, one episode at a time."""
     t0 = time.perf_counter()
     engine = make_engine(name, model_dir, cfg, device)
     init_s = time.perf_counter() - t0
     rows = []
-    for sequential in [False] if args.no_sequential else [False, True]:
-        trajs = rollout(engine, tokenizer, args, sequential)
+    modes = ["continuous", "rounds"] if name == "vllm" else ["rounds"]
+    for mode in modes if args.no_sequential else [*modes, "sequential"]:
+        trajs = rollout(engine, tokenizer, args, mode)
         stats = timeit_median(
-            lambda e=engine, s=sequential: rollout(e, tokenizer, args, s),
+            lambda e=engine, m=mode: rollout(e, tokenizer, args, m),
             warmup=args.warmup,
-            repeats=args.baseline_repeats if sequential else args.repeats,
+            repeats=args.baseline_repeats if mode == "sequential" else args.repeats,
             device=device,
         )
         seconds = stats["median_ms"] / 1e3
         generated = sum(len(t.assistant_token_ids) for t in trajs)
         rows.append(
             {
-                "engine": name + ("-sequential" if sequential else ""),
+                "engine": name if mode == modes[0] else f"{name}-{mode}",
                 "episodes": len(trajs),
                 "turns": sum(t.num_turns for t in trajs),
                 "median_s": seconds,
@@ -153,8 +180,7 @@ def bench_engine(
                 "total_tokens_per_s": sum(t.num_tokens for t in trajs) / seconds,
                 "engine_init_s": init_s,
                 "repeats": stats["repeats"],
-                "peak_mem_MB": peak_memory(lambda e=engine, s=sequential: rollout(e, tokenizer, args, s), device)
-                / 2**20,
+                "peak_mem_MB": peak_memory(lambda e=engine, m=mode: rollout(e, tokenizer, args, m), device) / 2**20,
             }
         )
     if name == "vllm":
@@ -163,12 +189,16 @@ def bench_engine(
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Set every timed row's ``speedup_vs_sequential``: its engine's sequential median / its median."""
+    """Set every timed row's ``speedup_vs_sequential`` (its engine's sequential median / its median) and the
+    continuous vLLM row's ``speedup_vs_rounds``."""
     medians = {row["engine"]: row["median_s"] for row in rows if "median_s" in row}
     for row in rows:
         if "median_s" in row:
-            baseline = medians.get(row["engine"].removesuffix("-sequential") + "-sequential")
+            engine = row["engine"].split("-")[0]
+            baseline = medians.get(f"{engine}-sequential")
             row["speedup_vs_sequential"] = baseline / row["median_s"] if baseline else None
+            if row["engine"] == "vllm" and "vllm-rounds" in medians:
+                row["speedup_vs_rounds"] = medians["vllm-rounds"] / row["median_s"]
 
 
 def main() -> None:
@@ -180,10 +210,14 @@ def main() -> None:
         help="comma-separated, run in order (default: hf,vllm, vllm left out where it is not installed; vLLM "
         "lowers torch's thread count for the rest of the process, so hf goes first)",
     )
-    parser.add_argument("--tasks", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--max-turns", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--max-turns", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--stop-fraction", type=float, default=0.03,
+                        help="fraction of the vocabulary that ends a turn (varied turn lengths, mean ~1/f)")
+    parser.add_argument("--user-latency-ms", type=float, default=20.0,
+                        help="mean time the environment takes per reply (uniform 0..2x, seeded)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--baseline-repeats", type=int, default=3, help="repeats of the sequential baselines")
     parser.add_argument("--warmup", type=int, default=1)
@@ -207,7 +241,10 @@ def main() -> None:
         "model": args.model,
         "model_spec": dataclasses.asdict(spec),
         "dtype": str(dtype),
-        "workload": {k: getattr(args, k) for k in ("tasks", "group_size", "max_turns", "max_tokens")},
+        "workload": {
+            k: getattr(args, k)
+            for k in ("tasks", "group_size", "max_turns", "max_tokens", "stop_fraction", "user_latency_ms")
+        },
         "max_model_len": max_model_len,
     }
     rows: list[dict[str, Any]] = []

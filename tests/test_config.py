@@ -65,6 +65,7 @@ def test_turn_budget_defaults_to_the_gyms_own(gym: str, budget: int, tmp_path: P
         (["logging.wandb=1"], "'logging.wandb' must be a bool"),
         (["algo.name=ppo"], "'algo.name' must be one of"),
         (["rollout.engine=sglang"], "'rollout.engine' must be one of"),
+        (["rollout.scheduling=async"], "'rollout.scheduling' must be one of"),
         (["algo.shaping.turn_credit=foo"], "turn_credit"),
         (["algo.loss.dual_clip=0.5"], "dual_clip"),
         (["algo.loss.kl_coef=-0.1"], "'algo.loss'.*kl_coef must be >= 0"),

@@ -170,6 +170,7 @@ def evaluate_model(
         max_model_len=min(cfg.rollout.max_model_len, engine.max_model_len),
         seeds=[s for s in seeds for _ in tasks],
         env_workers=cfg.rollout.env_workers,
+        scheduling=cfg.rollout.scheduling,
     )
 
 

@@ -6,19 +6,28 @@
                          group_size=8, params=GenerationParams(max_tokens=1024, stop_token_ids=(eos,)),
                          max_turns=15, max_model_len=8152, seeds=[...], env_workers=8)
 
-Each round submits the prompts of all live episodes in one ``engine.generate`` call (the engine batches
-them continuously), then steps the gyms in a thread pool (LLM-simulated users are slow, programmatic ones
-cost nothing), then extends each prompt with the engine's output ids verbatim and the template ids of
-the feedback (``ChatFormat``). The conversation is never re-tokenised. Episodes of task ``i`` are
-``group_size`` consecutive trajectories sharing ``group_id = i`` and the gym seed ``seeds[i]``; they differ
-only through sampling. With ``params.seed`` set, round ``t`` uses ``params.seed + t * num_episodes`` (the
-engines add the request index), so a run is reproducible.
+Each episode's prompt is extended with the engine's output ids verbatim and the template ids of the gym's
+feedback (``ChatFormat``): the conversation is never re-tokenised. Episodes of task ``i`` are ``group_size``
+consecutive trajectories sharing ``group_id = i`` and the gym seed ``seeds[i]``; they differ only through
+sampling. Gyms step in a thread pool of ``env_workers`` (LLM-simulated users are slow, programmatic ones cost
+nothing). ``scheduling``:
+
+* ``continuous`` (with a ``StreamingEngine``, e.g. vLLM, and no tensor-parallel group): every episode's turn
+  is its own engine request; as soon as it finishes, its gym steps and the episode's next turn joins the
+  engine's running batch while the other episodes still generate. Neither the longest output of a round nor a
+  slow user simulator holds up the episodes that are ready.
+* ``rounds`` (any engine; always with a tensor-parallel group, whose ranks must submit identical batches):
+  one ``engine.generate`` call for the turns of all live episodes, then all their gym steps, then the next.
+
+With ``params.seed`` set, turn ``t`` of episode ``e`` (of ``n``) samples with seed ``params.seed + t * n + e``
+(in rounds: ``params.seed + t * n`` plus the request's index in the call, the same while all episodes are
+live), so a run is reproducible.
 
 With a tensor-parallel engine (``tp_group`` of more than one rank, ``bao_fast.rollout.tp_group``) every rank
 of the group calls ``run_episodes`` with the same arguments; only the group's leader resets and steps the gyms,
 and the other ranks receive its results (opening messages, step results, the exceptions raised), so the
-prompts of every round are the same on all ranks even when the gym's replies are not reproducible (an LLM
-user simulator), and the simulator sees each request once.
+prompts of every round (such a group plays in rounds) are the same on all ranks even when the gym's replies
+are not reproducible (an LLM user simulator), and the simulator sees each request once.
 
 End conditions (BAO.md), in the order they are checked after a turn:
 
@@ -26,7 +35,7 @@ End conditions (BAO.md), in the order they are checked after a turn:
   stepped, the cut turn is recorded with choice ``invalid`` and reward 0), or the next prompt would be
   longer than ``max_model_len - 1`` tokens (no room to generate; the turn itself was stepped);
 * the gym's verdict: ``correct`` (terminated with success), ``finish``, ``no_tool_call``, ``terminated``;
-  ``max_turns`` when the gym truncates or ``max_turns`` rounds are done.
+  ``max_turns`` when the gym truncates or the episode has played ``max_turns`` turns.
 
 Malformed outputs are the gym's business: it answers with an error message and the episode continues.
 A generation that stops at ``max_tokens`` without a tool call is stepped like any other turn. Should a gym
@@ -41,29 +50,38 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, get_args
 
 from transformers import PreTrainedTokenizerBase
 
+from bao_fast.config import Scheduling
 from bao_fast.envs.base import Gym, StepResult
 from bao_fast.envs.user_client import UserSimulatorError
 from bao_fast.rollout.chat_format import ChatFormat
-from bao_fast.rollout.engine import Generation, GenerationEngine, GenerationParams
+from bao_fast.rollout.engine import Generation, GenerationEngine, GenerationParams, StreamingEngine
 from bao_fast.rollout.tp_group import TPGroup
 from bao_fast.rollout.trajectory import EndReason, Trajectory
 
 logger = logging.getLogger(__name__)
 
+SCHEDULINGS: tuple[Scheduling, ...] = get_args(Scheduling)
+
 
 @dataclass
 class _Episode:
+    index: int  # in run_episodes' task-major order
     gym: Gym | None  # None on the ranks of a tensor-parallel group that do not step the gyms
     traj: Trajectory
     prompt: list[int]
     done: bool = False
+
+    @property
+    def turn(self) -> int:
+        """Turns played so far."""
+        return len(self.traj.turn_choices)
 
     def finish(self, reason: EndReason) -> None:
         self.traj.end_reason = reason
@@ -150,6 +168,63 @@ def _check_args(tasks: Sequence[Any], group_size: int, max_turns: int, env_worke
         raise ValueError(f"seeds must hold one seed per task ({len(tasks)}), got {len(seeds)}")
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """What every turn of every episode is played by."""
+
+    tokenizer: PreTrainedTokenizerBase
+    fmt: ChatFormat
+    params: GenerationParams
+    limit: int  # max_model_len
+    max_turns: int
+    num_episodes: int
+
+    def turn_params(self, turn: int, index: int = 0) -> GenerationParams:
+        """``params`` of turn ``turn`` of episode ``index``: seed ``params.seed + turn * num_episodes + index``
+        (a round's call passes index 0: the engine adds each request's index in the call)."""
+        if self.params.seed is None:
+            return self.params
+        return replace(self.params, seed=self.params.seed + turn * self.num_episodes + index)
+
+    def take_output(self, ep: _Episode, raw: Generation) -> tuple[Generation, str] | None:
+        """Record the engine's output for ``ep``'s turn; ``(output, text)`` for the gym, or None when the context
+        cut it (the episode then ends: the gym never sees a turn the context cut off)."""
+        gen, cut = _fit_to_context(raw, self.limit - len(ep.prompt), self.params.max_tokens)
+        text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        ep.record_output(gen, text)
+        if cut:
+            ep.record_turn("invalid", 0.0, False)
+            ep.finish("context_limit")
+            return None
+        return gen, text
+
+    def take_result(self, ep: _Episode, gen: Generation, result: StepResult | RuntimeError) -> bool:
+        """Record the gym's answer to ``ep``'s turn ``gen``; True when the episode goes on (its prompt then
+        holds the next turn's)."""
+        if isinstance(result, Exception):
+            ep.record_turn("invalid", 0.0, False)
+            ep.finish("gym_error")
+            return False
+        info = result.info
+        ep.record_turn(str(info.get("choice", "invalid")), float(result.reward), bool(info.get("user_involved", False)))
+        ep.traj.success = bool(info.get("success", False))
+        ep.traj.messages.append({"role": "user", "content": result.feedback})
+        reason = end_reason_of(result)
+        if reason is None and ep.turn == self.max_turns:
+            reason = "max_turns"
+        if reason is None:
+            ended_with_eos = bool(gen.token_ids) and gen.token_ids[-1] == self.tokenizer.eos_token_id
+            feedback = self.fmt.feedback_ids(result.feedback, ended_with_eos)
+            if len(ep.prompt) + len(gen.token_ids) + len(feedback) > self.limit - 1:
+                reason = "context_limit"
+            else:
+                ep.traj.segments.append(("user", feedback))
+                ep.prompt = ep.prompt + list(gen.token_ids) + feedback
+        if reason is not None:
+            ep.finish(reason)
+        return reason is None
+
+
 def run_episodes(
     engine: GenerationEngine,
     tokenizer: PreTrainedTokenizerBase,
@@ -163,17 +238,22 @@ def run_episodes(
     seeds: Sequence[int] | None = None,
     env_workers: int = 8,
     tp_group: TPGroup | None = None,
+    scheduling: Scheduling = "continuous",
 ) -> list[Trajectory]:
     """Play ``group_size`` episodes of every task; returns ``len(tasks) * group_size`` trajectories,
     task-major. ``max_model_len`` defaults to (and may not exceed) ``engine.max_model_len``; a task's
     opening prompt longer than ``max_model_len - 1`` raises ValueError. ``tp_group``: the tensor-parallel
-    group sharing ``engine`` (module docstring); None or a group of one: this rank steps its own gyms."""
+    group sharing ``engine`` (module docstring); None or a group of one: this rank steps its own gyms.
+    ``scheduling``: ``continuous`` or ``rounds`` (module docstring)."""
     _check_args(tasks, group_size, max_turns, env_workers, seeds)
+    if scheduling not in SCHEDULINGS:
+        raise ValueError(f"scheduling must be one of {SCHEDULINGS}, got {scheduling!r}")
     limit = engine.max_model_len if max_model_len is None else max_model_len
     if limit > engine.max_model_len:
         raise ValueError(f"max_model_len {limit} exceeds the engine's max_model_len {engine.max_model_len}")
     fmt = ChatFormat.from_tokenizer(tokenizer)
-    lead = tp_group.from_leader if tp_group is not None else (lambda fn: fn())
+    grouped = tp_group is not None and tp_group.size > 1
+    lead = tp_group.from_leader if grouped else (lambda fn: fn())
     seed_of = [None if seeds is None else int(seeds[i]) for i in range(len(tasks))]
     slots = [i for i in range(len(tasks)) for _ in range(group_size)]  # episode -> task index
     gyms: list[Gym | None] = [None] * len(slots)
@@ -193,51 +273,61 @@ def run_episodes(
         if len(prompt) > limit - 1:
             raise ValueError(f"task {i}: opening prompt has {len(prompt)} tokens, max_model_len is {limit}")
         traj = Trajectory(str(getattr(tasks[i], "id", i)), i, seed_of[i], [("user", prompt)], messages=list(messages))
-        episodes.append(_Episode(gym, traj, prompt))
+        episodes.append(_Episode(len(episodes), gym, traj, prompt))
 
+    rules = _Rules(tokenizer, fmt, params, limit, max_turns, len(episodes))
     with ThreadPoolExecutor(max_workers=env_workers) as pool:
-        for turn in range(max_turns):
-            live = [ep for ep in episodes if not ep.done]
-            if not live:
-                break
-            turn_params = params if params.seed is None else replace(params, seed=params.seed + turn * len(episodes))
-            gens = engine.generate([ep.prompt for ep in live], turn_params)
-            if tp_group is not None:  # a diverging rank must fail this round, not desynchronise the next one
-                tp_group.check_identical([g.token_ids for g in gens])
-            stepping: list[tuple[_Episode, Generation, str]] = []
-            for ep, raw in zip(live, gens):
-                gen, cut = _fit_to_context(raw, limit - len(ep.prompt), turn_params.max_tokens)
-                text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-                ep.record_output(gen, text)
-                if cut:  # the gym never sees a turn the context cut off
-                    ep.record_turn("invalid", 0.0, False)
-                    ep.finish("context_limit")
-                else:
-                    stepping.append((ep, gen, text))
-            results = lead(partial(_step_all, pool, stepping))
-            for (ep, gen, _), result in zip(stepping, results):
-                if isinstance(result, Exception):
-                    ep.record_turn("invalid", 0.0, False)
-                    ep.finish("gym_error")
-                    continue
-                ep.record_turn(
-                    str(result.info.get("choice", "invalid")),
-                    float(result.reward),
-                    bool(result.info.get("user_involved", False)),
-                )
-                ep.traj.success = bool(result.info.get("success", False))
-                ep.traj.messages.append({"role": "user", "content": result.feedback})
-                reason = end_reason_of(result)
-                if reason is None and turn == max_turns - 1:
-                    reason = "max_turns"
-                if reason is None:
-                    ended_with_eos = bool(gen.token_ids) and gen.token_ids[-1] == tokenizer.eos_token_id
-                    feedback = fmt.feedback_ids(result.feedback, ended_with_eos)
-                    if len(ep.prompt) + len(gen.token_ids) + len(feedback) > limit - 1:
-                        reason = "context_limit"
-                    else:
-                        ep.traj.segments.append(("user", feedback))
-                        ep.prompt = ep.prompt + list(gen.token_ids) + feedback
-                if reason is not None:
-                    ep.finish(reason)
+        if scheduling == "continuous" and not grouped and isinstance(engine, StreamingEngine):
+            _play_continuously(engine, episodes, rules, pool)
+        else:
+            _play_in_rounds(engine, episodes, rules, pool, tp_group if grouped else None)
     return [ep.traj for ep in episodes]
+
+
+def _play_in_rounds(
+    engine: GenerationEngine, episodes: list[_Episode], rules: _Rules, pool: ThreadPoolExecutor,
+    tp_group: TPGroup | None,
+) -> None:
+    """Every round: one ``generate`` call for all live episodes, then all their gym steps (on the group's
+    leader, its results shared with the group)."""
+    lead = tp_group.from_leader if tp_group is not None else (lambda fn: fn())
+    while live := [ep for ep in episodes if not ep.done]:
+        gens = engine.generate([ep.prompt for ep in live], rules.turn_params(live[0].turn))
+        if tp_group is not None:  # a diverging rank must fail this round, not desynchronise the next one
+            tp_group.check_identical([g.token_ids for g in gens])
+        stepping = [(ep, *out) for ep, raw in zip(live, gens) if (out := rules.take_output(ep, raw)) is not None]
+        results = lead(partial(_step_all, pool, stepping))
+        for (ep, gen, _), result in zip(stepping, results):
+            rules.take_result(ep, gen, result)
+
+
+def _play_continuously(
+    engine: StreamingEngine, episodes: list[_Episode], rules: _Rules, pool: ThreadPoolExecutor
+) -> None:
+    """Each episode's next turn is queued as soon as its gym step returns, while the engine keeps generating
+    the others'; the unfinished requests are dropped if anything raises."""
+    stepping: dict[Future, tuple[_Episode, Generation]] = {}
+
+    def queue(ep: _Episode) -> None:
+        engine.add_request(ep.index, ep.prompt, rules.turn_params(ep.turn, ep.index))
+
+    try:
+        for ep in episodes:
+            queue(ep)
+        while engine.has_unfinished_requests() or stepping:
+            if engine.has_unfinished_requests():
+                for index, raw in engine.step():
+                    ep = episodes[index]
+                    if (out := rules.take_output(ep, raw)) is not None:
+                        gen, text = out
+                        stepping[pool.submit(step_gym, ep.gym, ep.traj.task_id, text)] = (ep, gen)
+                ready = [f for f in stepping if f.done()]
+            else:  # nothing to generate until a gym answers
+                ready = list(wait(stepping, return_when=FIRST_COMPLETED).done)
+            for future in sorted(ready, key=lambda f: stepping[f][0].index):
+                ep, gen = stepping.pop(future)
+                if rules.take_result(ep, gen, future.result()):
+                    queue(ep)
+    except BaseException:
+        engine.abort_requests()
+        raise

@@ -19,6 +19,9 @@ Contract every engine keeps:
 * Sampling with ``seed`` set is reproducible: request ``i`` of a call uses seed ``seed + i`` on the vLLM
   engine (so identical prompts in one batch still get different samples); the transformers engine seeds
   one private generator per call.
+* A ``StreamingEngine`` also takes requests one at a time (``add_request(key, prompt, params)``, its
+  ``params.seed`` used as is) and reports each as it finishes (``step()``), so that the agent loop can give an
+  episode its next turn while others still generate; ``abort_requests()`` drops the unfinished ones.
 * ``sleep()`` / ``wake_up()`` release and restore accelerator memory around training (no-ops on the
   CPU); ``load_weights(named_tensors)`` copies HF-named full tensors into the engine's model.
 
@@ -106,6 +109,27 @@ class GenerationEngine(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Copy full (unsharded) HF-named tensors into the engine's model."""
+        ...
+
+
+@runtime_checkable
+class StreamingEngine(Protocol):
+    """An engine that schedules requests continuously across calls (see the module docstring)."""
+
+    def add_request(self, key: int, prompt: list[int], params: GenerationParams) -> None:
+        """Queue one continuation of ``prompt``; ``step`` reports it under ``key`` (unique among the unfinished)."""
+        ...
+
+    def step(self) -> list[tuple[int, Generation]]:
+        """Advance generation by one engine step; the requests that finished in it, as ``(key, generation)``."""
+        ...
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether a queued request has not been reported yet."""
+        ...
+
+    def abort_requests(self) -> None:
+        """Drop every unfinished request (after an error, so that the next call starts clean)."""
         ...
 
 

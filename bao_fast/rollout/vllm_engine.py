@@ -129,6 +129,7 @@ class VLLMEngine:
         self.bucket_mb = bucket_mb
         self._asleep = False
         self._weights_stale = False
+        self._unfinished: dict[str, tuple[int, bool]] = {}  # vLLM request id -> (add_request's key, log-probs?)
 
     @classmethod
     def from_config(
@@ -197,36 +198,76 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
         """One continuation per prompt (see ``bao_fast.rollout.engine`` for the contract)."""
-        from vllm import SamplingParams
+        self._check_ready()
+        validate_prompts(prompts, self.max_model_len)
+        seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
+        sampling = [self._sampling(params, len(prompt), seed) for prompt, seed in zip(prompts, seeds, strict=True)]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+        return [self._generation(out, params.return_logprobs) for out in outputs]
 
+    def add_request(self, key: int, prompt: list[int], params: GenerationParams) -> None:
+        """Queue one continuation of ``prompt`` (seeded with ``params.seed`` as is); ``step`` reports it."""
+        self._check_ready()
+        validate_prompts([prompt], self.max_model_len)
+        request_id = f"bao-{key}"
+        if request_id in self._unfinished:
+            raise ValueError(f"key {key} is already queued and unfinished")
+        sampling = self._sampling(params, len(prompt), params.seed)
+        # a rendered token input (what LLM.generate hands the engine after its renderer)
+        self.llm.llm_engine.add_request(request_id, {"type": "token", "prompt_token_ids": list(prompt)}, sampling)
+        self._unfinished[request_id] = (key, params.return_logprobs)
+
+    def step(self) -> list[tuple[int, Generation]]:
+        """One engine step (a scheduled batch of prefill and decode work); the requests that finished in it."""
+        done = []
+        for out in self.llm.llm_engine.step():
+            if out.finished:
+                key, return_logprobs = self._unfinished.pop(out.request_id)
+                done.append((key, self._generation(out, return_logprobs)))
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether a request from ``add_request`` has not been reported by ``step`` yet."""
+        return bool(self._unfinished)
+
+    def abort_requests(self) -> None:
+        """Drop every unfinished ``add_request`` request."""
+        if self._unfinished:
+            self.llm.llm_engine.abort_request(list(self._unfinished))
+            self._unfinished.clear()
+
+    def _check_ready(self) -> None:
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first")
         if self._weights_stale:
             raise RuntimeError("weights were discarded by a level-2 sleep; push them with sync_weights_from() first")
-        validate_prompts(prompts, self.max_model_len)
-        sampling = [
-            SamplingParams(
-                max_tokens=min(params.max_tokens, self.max_model_len - len(prompt)),
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=None if params.seed is None else params.seed + i,
-                stop_token_ids=list(params.stop_token_ids),
-                logprobs=0 if params.return_logprobs else None,
-                detokenize=False,
-            )
-            for i, prompt in enumerate(prompts)
-        ]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
-        results = []
-        for out in outputs:
-            completion = out.outputs[0]
-            token_ids = list(completion.token_ids)
-            logprobs = None
-            if params.return_logprobs:
-                logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, token_ids)]
-            finish = "stop" if completion.finish_reason == "stop" else "length"
-            results.append(Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=finish))
-        return results
+
+    def _sampling(self, params: GenerationParams, prompt_len: int, seed: int | None) -> Any:
+        """vLLM ``SamplingParams`` of one request (final output only, token ids without text)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=min(params.max_tokens, self.max_model_len - prompt_len),
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=seed,
+            stop_token_ids=list(params.stop_token_ids),
+            logprobs=0 if params.return_logprobs else None,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    @staticmethod
+    def _generation(out: Any, return_logprobs: bool) -> Generation:
+        """A finished vLLM ``RequestOutput`` as a ``Generation``."""
+        completion = out.outputs[0]
+        token_ids = list(completion.token_ids)
+        logprobs = None
+        if return_logprobs:
+            logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, token_ids)]
+        finish = "stop" if completion.finish_reason == "stop" else "length"
+        return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
 
     def sleep(self) -> None:
         """Free GPU memory (level ``sleep_level``); a no-op on the CPU."""

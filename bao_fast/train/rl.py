@@ -239,7 +239,7 @@ def rollout(
         s.engine, s.tokenizer, s.gym_factory, tasks,
         group_size=group_size, params=params, max_turns=cfg.env.max_turns, max_model_len=cfg.rollout.max_model_len,
         seeds=[derive_seed(cfg.seed, gym_seed_base, i) for i in task_ids], env_workers=cfg.rollout.env_workers,
-        tp_group=s.tp_group,
+        tp_group=s.tp_group, scheduling=cfg.rollout.scheduling,
     )
 
 

@@ -284,3 +284,31 @@ def test_rollout_rows_report_peak_memory(results_dir: Path, monkeypatch: pytest.
     bench_rollout.main()
     (row,) = json.loads((results_dir / "rollout-cpu.json").read_text())["rows"]
     assert row["engine"] == "hf" and row["repeats"] == 2 and row["peak_mem_MB"] > 0
+
+
+def test_rollout_speedups_compare_with_the_same_engines_baselines() -> None:
+    rows = [{"engine": "hf", "median_s": 4.0}, {"engine": "hf-sequential", "median_s": 12.0},
+            {"engine": "vllm", "median_s": 1.0}, {"engine": "vllm-rounds", "median_s": 1.5},
+            {"engine": "vllm-sequential", "median_s": 6.0}, {"engine": "vllm", "skipped": "why"}]
+    bench_rollout.add_speedups(rows)
+    assert [r.get("speedup_vs_sequential") for r in rows] == [3.0, 1.0, 6.0, 4.0, 1.0, None]
+    assert [r.get("speedup_vs_rounds") for r in rows] == [None, None, 1.5, None, None, None]
+
+
+def test_rollout_reply_latency_is_seeded_per_episode_and_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(bench_rollout.time, "sleep", slept.append)
+    for task in (5, 6):
+        gym = bench_rollout.ReplyGym(max_turns=3, latency_s=0.02, episode=9)
+        gym.reset(task, 0)
+        for _ in range(3):
+            gym.step("x")
+    assert slept[:3] == slept[3:] and len(set(slept[:3])) == 3 and all(0.0 <= s <= 0.04 for s in slept)
+    gym = bench_rollout.ReplyGym(max_turns=1)
+    gym.reset(5, 0)
+    gym.step("x")
+    assert len(slept) == 6  # no latency: no sleep
+    gym = bench_rollout.ReplyGym(max_turns=1, latency_s=0.02, episode=10)
+    gym.reset(5, 0)
+    gym.step("x")
+    assert slept[-1] != slept[0]  # another episode, another latency

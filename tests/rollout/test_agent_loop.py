@@ -5,6 +5,7 @@ tokens are exactly the engine's outputs, prompts are the concatenated segments, 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -23,23 +24,61 @@ _TEST_CASE = re.compile(r"The test case is \((-?\d+), (-?\d+), (-?\d+), (-?\d+)\
 
 class ScriptedEngine:
     """The part of a GenerationEngine that run_episodes uses: outputs are the canonical tokenisation of
-    ``policy(conversation text)`` plus eos, clamped to ``max_model_len`` like a real engine; logs calls."""
+    ``policy(conversation text)`` plus eos, clamped to ``max_model_len`` like a real engine; logs calls (and
+    every output, in the order they finished, in ``outputs``)."""
 
     def __init__(self, tokenizer, policy: Callable[[str], str], max_model_len: int = MAX_LEN):
         self.tokenizer, self.policy, self.max_model_len = tokenizer, policy, max_model_len
         self.calls: list[tuple[list[list[int]], list[Generation]]] = []
+        self.outputs: list[Generation] = []
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
-        gens = []
-        for prompt in prompts:
-            text = self.policy(self.tokenizer.decode(prompt))
-            ids = [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
-            room = min(params.max_tokens, self.max_model_len - len(prompt))
-            finish = "stop" if len(ids) <= room else "length"
-            ids = ids[:room]
-            gens.append(Generation(ids, [-0.01 * (k + 1) for k in range(len(ids))], finish))
+        gens = [self._continue(prompt, params) for prompt in prompts]
         self.calls.append((prompts, gens))
         return gens
+
+    def _continue(self, prompt: list[int], params: GenerationParams) -> Generation:
+        text = self.policy(self.tokenizer.decode(prompt))
+        ids = [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
+        room = min(params.max_tokens, self.max_model_len - len(prompt))
+        finish = "stop" if len(ids) <= room else "length"
+        ids = ids[:room]
+        gen = Generation(ids, [-0.01 * (k + 1) for k in range(len(ids))], finish)
+        self.outputs.append(gen)
+        return gen
+
+
+class StreamingScriptedEngine(ScriptedEngine):
+    """ScriptedEngine as a StreamingEngine too: each ``step`` finishes the newest queued request (so episodes
+    run out of step); logs ``requests`` as (key, prompt, params, generation) in finishing order."""
+
+    def __init__(self, tokenizer, policy: Callable[[str], str], max_model_len: int = MAX_LEN):
+        super().__init__(tokenizer, policy, max_model_len)
+        self.queue: list[tuple[int, list[int], GenerationParams]] = []
+        self.requests: list[tuple[int, list[int], GenerationParams, Generation]] = []
+        self.aborted: list[list[int]] = []  # the keys dropped by each abort_requests call
+
+    def add_request(self, key: int, prompt: list[int], params: GenerationParams) -> None:
+        assert key not in [k for k, _, _ in self.queue]
+        self.queue.append((key, list(prompt), params))
+
+    def step(self) -> list[tuple[int, Generation]]:
+        key, prompt, params = self.queue.pop()
+        gen = self._continue(prompt, params)
+        self.requests.append((key, prompt, params, gen))
+        return [(key, gen)]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.queue)
+
+    def abort_requests(self) -> None:
+        self.aborted.append([k for k, _, _ in self.queue])
+        self.queue.clear()
+
+
+@pytest.fixture(params=["rounds", "continuous"])
+def scheduling(request) -> str:
+    return request.param
 
 
 class RecordingEngine:
@@ -95,11 +134,29 @@ def streams_match_prompts(trajs: list[Trajectory], calls) -> None:
     assert all(t.engine_logprobs == logprobs[id(t)] for t in trajs)
 
 
-def test_function_gym_multi_turn_bookkeeping(tokenizer):
-    engine = ScriptedEngine(tokenizer, solver)
+def requests_match_segments(trajs: list[Trajectory], requests) -> None:
+    """Continuous scheduling: request ``k`` of episode ``e`` (key ``e``, in finishing order) prompted its
+    segments so far with turn seed ``params.seed + k * len(trajs) + e``, and its output is assistant segment
+    ``k``; the trajectory's log-probs are those outputs' log-probs, in order."""
+    for e, traj in enumerate(trajs):
+        mine = [(prompt, params, gen) for key, prompt, params, gen in requests if key == e]
+        assert len(mine) == traj.num_turns
+        logprobs = []
+        for k, (prompt, params, gen) in enumerate(mine):
+            assert prompt == [tok for _, ids in traj.segments[: 2 * k + 1] for tok in ids]
+            assert params.seed == 0 + k * len(trajs) + e
+            role, ids = traj.segments[2 * k + 1]
+            assert role == "assistant" and ids == gen.token_ids[: len(ids)]
+            logprobs += gen.logprobs[: len(ids)]
+        assert traj.engine_logprobs == logprobs
+
+
+def test_function_gym_multi_turn_bookkeeping(tokenizer, scheduling):
+    engine = StreamingScriptedEngine(tokenizer, solver)
     params = GenerationParams(max_tokens=256, temperature=1.0, seed=0)
     gym = lambda: make_gym("function", max_turns=8)  # noqa: E731
-    trajs = run_episodes(engine, tokenizer, gym, TASKS, group_size=2, params=params, max_turns=8, seeds=[3, 4, 5])
+    trajs = run_episodes(engine, tokenizer, gym, TASKS, group_size=2, params=params, max_turns=8, seeds=[3, 4, 5],
+                         scheduling=scheduling)
     assert len(trajs) == 6
     assert [t.group_id for t in trajs] == [0, 0, 1, 1, 2, 2]
     assert [t.task_id for t in trajs] == [t.id for t in TASKS for _ in range(2)]
@@ -116,7 +173,11 @@ def test_function_gym_multi_turn_bookkeeping(tokenizer):
         # tokenisation of the final conversation gives (the template's "\n" after the last eos aside).
         fresh = tokenizer.apply_chat_template(traj.messages[:-1], tokenize=True, return_dict=False)
         assert list(fresh) == traj.input_ids + tokenizer.encode("\n", add_special_tokens=False)
-    streams_match_prompts(trajs, engine.calls)
+    if scheduling == "rounds":
+        streams_match_prompts(trajs, engine.calls)
+    else:
+        assert engine.calls == []
+        requests_match_segments(trajs, engine.requests)
     batch = pack_segments([t.segments for t in trajs])
     assert int(batch.loss_mask.sum()) == sum(len(t.assistant_token_ids) for t in trajs)
     assert batch.input_ids.tolist() == [tok for t in trajs for tok in t.input_ids]
@@ -131,11 +192,11 @@ def test_function_gym_multi_turn_bookkeeping(tokenizer):
         ("<think>guess</think>\n[answer] 123456789", "max_turns", "answer"),
     ],
 )
-def test_end_conditions(tokenizer, text, reason, choice):
-    engine = ScriptedEngine(tokenizer, lambda _: text)
+def test_end_conditions(tokenizer, text, reason, choice, scheduling):
+    engine = StreamingScriptedEngine(tokenizer, lambda _: text)
     params = GenerationParams(max_tokens=64, temperature=0.0)
     gym = lambda: make_gym("function", max_turns=3)  # noqa: E731
-    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=params, max_turns=5)
+    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=params, max_turns=5, scheduling=scheduling)
     assert traj.end_reason == reason and not traj.success
     assert traj.turn_choices == [choice] * traj.num_turns
     assert traj.num_turns == (3 if reason == "max_turns" else 1)
@@ -143,62 +204,66 @@ def test_end_conditions(tokenizer, text, reason, choice):
     assert traj.segments[-1][0] == "assistant"
 
 
-def test_max_turns_argument_caps_episodes(tokenizer):
-    engine = ScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
+def test_max_turns_argument_caps_episodes(tokenizer, scheduling):
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
     gym = lambda: make_gym("function", max_turns=15)  # noqa: E731
-    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=32), max_turns=2)
+    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=32), max_turns=2,
+                           scheduling=scheduling)
     assert traj.end_reason == "max_turns" and traj.num_turns == 2
 
 
-def test_context_limit_cuts_generation(tokenizer):
+def test_context_limit_cuts_generation(tokenizer, scheduling):
     fmt = ChatFormat.from_tokenizer(tokenizer)
     opening = len(fmt.prompt_ids(make_gym("function").reset(TASKS[0], 0)))
     limit = opening + 40
     long_text = "<think>" + "very long reasoning " * 50 + "</think>\n[action] 1 2 3 4"
-    engine = ScriptedEngine(tokenizer, lambda _: long_text, max_model_len=limit)
+    engine = StreamingScriptedEngine(tokenizer, lambda _: long_text, max_model_len=limit)
     gym = lambda: make_gym("function")  # noqa: E731
-    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=500), max_turns=5)
+    (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=500), max_turns=5,
+                           scheduling=scheduling)
     assert traj.end_reason == "context_limit"
     assert traj.num_turns == 1 and traj.turn_choices == ["invalid"] and traj.turn_rewards == [0.0]
     assert traj.num_tokens == limit and len(traj.engine_logprobs) == 40
-    assert traj.assistant_token_ids == engine.calls[0][1][0].token_ids
+    assert traj.assistant_token_ids == engine.outputs[0].token_ids
 
 
 @pytest.mark.parametrize("spare", [0, 1])
-def test_turn_limit_that_fills_the_context_is_still_stepped(tokenizer, spare):
+def test_turn_limit_that_fills_the_context_is_still_stepped(tokenizer, spare, scheduling):
     """An output stopped at max_tokens is a whole turn even when the context's room equals max_tokens: the
     gym judges it (here a right answer), as it does with one token of room to spare."""
     fmt = ChatFormat.from_tokenizer(tokenizer)
     opening = len(fmt.prompt_ids(make_gym("function").reset(TASKS[0], 0)))
     text = f"[answer] {TASKS[0].expected_result:g}"
     max_tokens = len(tokenizer.encode(text, add_special_tokens=False))  # the eos after it is cut: "length"
-    engine = ScriptedEngine(tokenizer, lambda _: text, max_model_len=MAX_LEN)
+    engine = StreamingScriptedEngine(tokenizer, lambda _: text, max_model_len=MAX_LEN)
     gym = lambda: make_gym("function")  # noqa: E731
     (traj,) = run_episodes(engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=max_tokens),
-                           max_turns=5, max_model_len=opening + max_tokens + spare)
-    assert engine.calls[0][1][0].finish_reason == "length"
+                           max_turns=5, max_model_len=opening + max_tokens + spare, scheduling=scheduling)
+    assert engine.outputs[0].finish_reason == "length"
     assert (traj.end_reason, traj.turn_choices, traj.turn_rewards) == ("correct", ["answer"], [1.0])
 
 
-def test_context_limit_on_next_prompt(tokenizer):
+def test_context_limit_on_next_prompt(tokenizer, scheduling):
     text = "<think>x</think>\n[action] 1 2 3 4"
     fmt = ChatFormat.from_tokenizer(tokenizer)
     opening = len(fmt.prompt_ids(make_gym("function").reset(TASKS[0], 0)))
     output = len(tokenizer.encode(text, add_special_tokens=False)) + 1
     limit = opening + output + 4  # the output fits, the feedback after it does not
-    engine = ScriptedEngine(tokenizer, lambda _: text, max_model_len=MAX_LEN)
+    engine = StreamingScriptedEngine(tokenizer, lambda _: text, max_model_len=MAX_LEN)
     gym = lambda: make_gym("function")  # noqa: E731
     (traj,) = run_episodes(
-        engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=64), max_turns=5, max_model_len=limit
+        engine, tokenizer, gym, TASKS[:1], params=GenerationParams(max_tokens=64), max_turns=5, max_model_len=limit,
+        scheduling=scheduling,
     )
     assert traj.end_reason == "context_limit" and traj.num_turns == 1 and traj.turn_choices == ["action"]
     assert [r for r, _ in traj.segments] == ["user", "assistant"]
 
 
-def test_output_without_eos_is_closed_by_the_template(tokenizer):
-    engine = ScriptedEngine(tokenizer, lambda _: "<think>" + "a b " * 40)
+def test_output_without_eos_is_closed_by_the_template(tokenizer, scheduling):
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "<think>" + "a b " * 40)
     gym = lambda: EndlessGym(max_turns=2)  # noqa: E731
-    (traj,) = run_episodes(engine, tokenizer, gym, [0], params=GenerationParams(max_tokens=10), max_turns=2)
+    (traj,) = run_episodes(engine, tokenizer, gym, [0], params=GenerationParams(max_tokens=10), max_turns=2,
+                           scheduling=scheduling)
     first = traj.segments[1][1]
     assert len(first) == 10 and tokenizer.eos_token_id not in first
     assert traj.segments[2][1][0] == tokenizer.eos_token_id  # the feedback wrapper closes the turn
@@ -217,6 +282,8 @@ def test_argument_validation(tokenizer):
         run_episodes(engine, tokenizer, gym, TASKS, params=params, max_turns=2, max_model_len=MAX_LEN + 1)
     with pytest.raises(ValueError, match="opening prompt"):
         run_episodes(engine, tokenizer, gym, TASKS, params=params, max_turns=2, max_model_len=32)
+    with pytest.raises(ValueError, match="scheduling must be one of"):
+        run_episodes(engine, tokenizer, gym, TASKS, params=params, max_turns=2, scheduling="async")
 
 
 def test_real_model_tokens_are_exactly_the_engine_outputs(tiny_model_dir, tokenizer):
@@ -255,11 +322,11 @@ class _RaisesOnSecondStep:
         return self.inner.step(text)
 
 
-def test_a_gym_error_ends_only_its_episode(tokenizer, caplog):
-    engine = ScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
+def test_a_gym_error_ends_only_its_episode(tokenizer, caplog, scheduling):
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
     gyms = iter([_RaisesOnSecondStep(ZeroDivisionError("gym bug")), make_gym("function", max_turns=5)])
     broken, healthy = run_episodes(engine, tokenizer, lambda: next(gyms), TASKS[:1], group_size=2,
-                                   params=GenerationParams(max_tokens=32), max_turns=4)
+                                   params=GenerationParams(max_tokens=32), max_turns=4, scheduling=scheduling)
     assert broken.end_reason == "gym_error" and "gym_error" in END_REASONS
     assert broken.turn_choices == ["action", "invalid"] and broken.turn_rewards == [0.0, 0.0]
     assert [role for role, _ in broken.segments] == ["user", "assistant", "user", "assistant"]
@@ -267,13 +334,13 @@ def test_a_gym_error_ends_only_its_episode(tokenizer, caplog):
     assert "ZeroDivisionError: gym bug" in caplog.text
 
 
-def test_an_unreachable_user_simulator_stops_the_rollout(tokenizer):
+def test_an_unreachable_user_simulator_stops_the_rollout(tokenizer, scheduling):
     from bao_fast.envs.user_client import UserSimulatorError
 
-    engine = ScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "<think>x</think>\n[action] 1 1 1 1")
     with pytest.raises(UserSimulatorError, match="gone"):
         run_episodes(engine, tokenizer, lambda: _RaisesOnSecondStep(UserSimulatorError("gone")), TASKS[:1],
-                     params=GenerationParams(max_tokens=32), max_turns=4)
+                     params=GenerationParams(max_tokens=32), max_turns=4, scheduling=scheduling)
 
 
 class _CannotReset:
@@ -288,16 +355,16 @@ class _CannotReset:
         return self.inner.reset(task, seed)
 
 
-def test_a_gym_that_cannot_reset_a_task_names_the_task(tokenizer):
-    engine = ScriptedEngine(tokenizer, lambda _: "[finish]")
+def test_a_gym_that_cannot_reset_a_task_names_the_task(tokenizer, scheduling):
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "[finish]")
     with pytest.raises(KeyError, match="rule") as info:
         run_episodes(engine, tokenizer, lambda: _CannotReset(TASKS[1]), TASKS[:2], seeds=[7, 8],
-                     params=GenerationParams(max_tokens=32), max_turns=4)
+                     params=GenerationParams(max_tokens=32), max_turns=4, scheduling=scheduling)
     assert info.value.__notes__ == [f"raised by _CannotReset.reset on task {TASKS[1].id!r} (task index 1, seed 8)"]
-    assert engine.calls == []  # nothing was generated
+    assert engine.outputs == []  # nothing was generated
 
 
-def test_each_episode_starts_from_its_own_opening(tokenizer) -> None:
+def test_each_episode_starts_from_its_own_opening(tokenizer, scheduling) -> None:
     """Openings are encoded once per distinct text: a group whose gyms open differently (here every second
     gym) still gets each episode's own prompt, and episodes never share one prompt list."""
     opened = iter(range(100))
@@ -306,11 +373,51 @@ def test_each_episode_starts_from_its_own_opening(tokenizer) -> None:
         def _reset(self, task):
             return [{"role": "user", "content": f"Task {task}, variant {next(opened) % 2}."}]
 
-    engine = ScriptedEngine(tokenizer, lambda text: "ok")
+    engine = StreamingScriptedEngine(tokenizer, lambda text: "ok")
     trajs = run_episodes(engine, tokenizer, lambda: AlternatingGym(max_turns=1), ["a", "b"], group_size=3,
-                         params=GenerationParams(max_tokens=8), max_turns=1)
+                         params=GenerationParams(max_tokens=8), max_turns=1, scheduling=scheduling)
     fmt = ChatFormat.from_tokenizer(tokenizer)
     prompts = [t.segments[0][1] for t in trajs]
     assert prompts == [fmt.prompt_ids(t.messages[:1]) for t in trajs]
     assert [t.messages[0]["content"].split(", ")[1] for t in trajs] == [f"variant {k % 2}." for k in range(6)]
     assert len({id(p) for p in prompts}) == 6
+
+
+def test_an_error_drops_the_unfinished_requests(tokenizer):
+    """Continuous scheduling: whatever raises mid-rollout, the requests still queued are aborted, so that the
+    engine's next call does not finish them."""
+    def policy(text):
+        raise RuntimeError("engine died")
+
+    engine = StreamingScriptedEngine(tokenizer, policy)
+    with pytest.raises(RuntimeError, match="engine died"):
+        run_episodes(engine, tokenizer, lambda: EndlessGym(max_turns=3), [0, 1, 2],
+                     params=GenerationParams(max_tokens=8), max_turns=3, scheduling="continuous")
+    assert engine.aborted == [[0, 1]] and not engine.has_unfinished_requests()  # episode 2's raised
+
+
+@pytest.mark.parametrize(("scheduling", "released"), [("continuous", True), ("rounds", False)])
+def test_a_slow_gym_holds_up_only_its_own_episode(tokenizer, scheduling, released):
+    """Episode 0's first gym step waits until episode 1 has played all 3 turns. Continuous scheduling plays
+    episode 1 meanwhile; rounds cannot (its round waits for episode 0's step, which gives up after 0.5 s)."""
+    three_turns_done = threading.Event()
+    waited: list[bool] = []
+
+    class Gym(EndlessGym):
+        def _reset(self, task):
+            self.task = task
+            return super()._reset(task)
+
+        def step(self, action_text):
+            result = super().step(action_text)
+            if self.task == 0 and self._turn == 1:
+                waited.append(three_turns_done.wait(timeout=30 if released else 0.5))
+            if self.task == 1 and self._turn == 3:
+                three_turns_done.set()
+            return result
+
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "ok")
+    trajs = run_episodes(engine, tokenizer, lambda: Gym(max_turns=3), [0, 1], params=GenerationParams(max_tokens=8),
+                         max_turns=3, env_workers=2, scheduling=scheduling)
+    assert waited == [released]
+    assert [t.num_turns for t in trajs] == [3, 3] and {t.end_reason for t in trajs} == {"max_turns"}

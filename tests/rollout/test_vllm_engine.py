@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
 
 from bao_fast.config import RolloutConfig
-from bao_fast.rollout import GenerationEngine, GenerationParams, HFEngine, run_episodes
+from bao_fast.rollout import Generation, GenerationEngine, GenerationParams, HFEngine, StreamingEngine, run_episodes
 
 from ._helpers import EndlessGym, load_hf, perturb_, reference_greedy, reference_logprobs
 
@@ -61,6 +62,35 @@ def test_sampling_seeded_distinct_and_processed_logprobs(engine, reference):
     for gen in first:
         expected = reference_logprobs(reference, PROMPTS[0], gen.token_ids, 0.7)
         torch.testing.assert_close(torch.tensor(gen.logprobs, dtype=torch.float64), expected, atol=1e-3, rtol=0)
+
+
+def test_streaming_requests_equal_generate_and_abort_cleanly(engine):
+    """add_request/step give request k, seeded ``seed + k``, what generate gives prompt k of one call (seed + its
+    index); the context clamp and log-probs included; abort_requests leaves nothing for the next call."""
+    assert isinstance(engine, StreamingEngine)
+    params = GenerationParams(max_tokens=7, temperature=0.9, seed=11)
+    prompts = [*PROMPTS, list(range(10, 10 + MAX_MODEL_LEN - 3))]  # the last one has room for 3 tokens
+    batch = engine.generate(prompts, params)
+    for k, prompt in enumerate(prompts):
+        engine.add_request(100 + k, prompt, replace(params, seed=11 + k))
+    with pytest.raises(ValueError, match="key 100 is already queued"):
+        engine.add_request(100, PROMPTS[0], params)
+    finished: dict[int, Generation] = {}
+    while engine.has_unfinished_requests():
+        finished.update(engine.step())
+    assert sorted(finished) == [100 + k for k in range(len(prompts))]
+    for k, gen in enumerate(batch):
+        streamed = finished[100 + k]
+        assert (streamed.token_ids, streamed.finish_reason) == (gen.token_ids, gen.finish_reason)
+        torch.testing.assert_close(torch.tensor(streamed.logprobs), torch.tensor(gen.logprobs), atol=1e-5, rtol=0)
+    assert finished[100 + len(PROMPTS)].finish_reason == "length" and len(finished[100 + len(PROMPTS)].token_ids) == 3
+
+    engine.add_request(1, PROMPTS[0], params)
+    engine.add_request(2, PROMPTS[1], params)
+    engine.step()
+    engine.abort_requests()
+    assert not engine.has_unfinished_requests() and not engine.llm.llm_engine.has_unfinished_requests()
+    assert [g.token_ids for g in engine.generate(prompts, params)] == [g.token_ids for g in batch]
 
 
 def test_stop_tokens_and_context_clamp(engine, reference):

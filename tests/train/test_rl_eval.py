@@ -44,10 +44,11 @@ def test_evaluation_decodes_and_reports_as_configured(monkeypatch, overrides: li
 @pytest.mark.parametrize(("temperature", "top_p", "return_logprobs"), [(0.0, 1.0, False), (0.7, 0.9, True)])
 def test_rollout_maps_its_arguments_to_generation_params(monkeypatch, temperature, top_p, return_logprobs):
     seen = {}
-    monkeypatch.setattr(rl, "run_episodes", lambda *args, params, **kwargs: seen.setdefault("params", params))
-    s = fake_setup(["rollout.top_p=0.9"])
+    monkeypatch.setattr(rl, "run_episodes", lambda *args, params, **kwargs: seen.update(params=params, **kwargs))
+    s = fake_setup(["rollout.top_p=0.9", "rollout.scheduling=rounds"])
     s.tokenizer, s.gym_factory = SimpleNamespace(eos_token_id=2), None
     rl.rollout(s, ["t0"], [0], 5, 1, temperature=temperature, return_logprobs=return_logprobs)
     params = seen["params"]
     assert (params.temperature, params.top_p, params.seed, params.stop_token_ids, params.return_logprobs) == (
         temperature, top_p, 5, (2,), return_logprobs)
+    assert seen["scheduling"] == "rounds"
