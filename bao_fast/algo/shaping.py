@@ -22,6 +22,10 @@ class ShapingConfig:
     overthinking_coef: λ_OT, penalty for failed trajectories that ended before ``horizon`` turns; 0 switches
         the whole penalty off (its +0.2 and one-turn 0.5 terms too, which BAO.md states without λ_OT).
     horizon: the turn budget T. norm_by_std: divide by the group std (GRPO) or not (Dr.GRPO).
+
+    Token advantages are c_t · Â · N / C (BAO.md). Where one trajectory's credits have mixed signs (em credits
+    under a large over-thinking penalty, or a gym with negative rewards), C can be near 0 and its advantages
+    far larger than Â; RL logs ``advantage_abs_max`` next to ``advantage_abs_mean`` to show it.
     """
 
     turn_credit: TurnCredit = "r2g"

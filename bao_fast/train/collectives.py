@@ -18,6 +18,13 @@ def max_over_ranks(value: int) -> int:
     return int(t.item())
 
 
+def maxima_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise maximum of ``values`` over ranks (float64, on the CPU)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return t.tolist()
+
+
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over ranks (float64, on the CPU)."""
     t = torch.tensor(values, dtype=torch.float64)

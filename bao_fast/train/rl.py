@@ -64,7 +64,7 @@ from bao_fast.train.checkpoint import (
     resume_message,
     save_checkpoint,
 )
-from bao_fast.train.collectives import gather_objects, lockstep, sum_over_ranks
+from bao_fast.train.collectives import gather_objects, lockstep, maxima_over_ranks, sum_over_ranks
 from bao_fast.train.fsdp import DistEnv, Policy, compute_dtype, load_policy, shutdown_distributed
 from bao_fast.train.logging import MetricsLogger, NonFiniteGuard
 from bao_fast.train.loss_scale import LossScale, loss_scale_for
@@ -179,7 +179,9 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
 
     metrics = rollout_metrics(trajectories, batch, env)
     metrics.update(update)
-    metrics["advantage_abs_mean"] = _global_mean(shaped.token_advantages.abs(), batch.target_mask)
+    trained_advantages = (shaped.token_advantages * batch.target_mask).abs()
+    metrics["advantage_abs_mean"] = _global_mean(trained_advantages, batch.target_mask)
+    metrics["advantage_abs_max"] = maxima_over_ranks([float(trained_advantages.max())])[0]
     metrics["score_shaped_mean"] = sum_over_ranks([float(shaped.scores.sum())])[0] / (
         r.prompts_per_step * r.group_size
     )

@@ -63,7 +63,7 @@ def _run_step(monkeypatch: pytest.MonkeyPatch, overrides: list[str], trajectorie
     s = SimpleNamespace(cfg=cfg, env=SimpleNamespace(device=torch.device("cpu")), policy=None, ref_policy=None,
                         engine=SimpleNamespace(sleep=lambda: None), tp_group=TPGroup(1, 0, 1, 0), train_tasks=[0, 1])
     state = SimpleNamespace(step=0, sampler=SimpleNamespace(next=lambda n: list(range(n))))
-    rl.rl_step(s, state)
+    captured["metrics"] = rl.rl_step(s, state)
     return captured
 
 
@@ -84,6 +84,9 @@ def test_update_gets_the_shaped_advantages_of_the_rollouts(monkeypatch: pytest.M
         expected[start : stop - 1] = per_token[start + 1 : stop]  # row t scores token t + 1 of its trajectory
     assert expected.abs().gt(0).sum() > 20 and (expected > 0).any() and (expected < 0).any()
     torch.testing.assert_close(captured["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
+    assert captured["metrics"]["advantage_abs_max"] == pytest.approx(float(expected.abs().max()), rel=1e-5)
+    assert captured["metrics"]["advantage_abs_mean"] == pytest.approx(
+        float(expected.abs().sum() / batch.target_mask.sum()), rel=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
