@@ -76,6 +76,32 @@ def test_no_weight_decay_on_vectors() -> None:
         build_optimizer(frozen, OptimConfig())
 
 
+def test_fused_update_on_cuda_only() -> None:
+    assert not build_optimizer(nn.Linear(3, 2), OptimConfig()).defaults["fused"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_update_on_cuda_equals_the_default_one() -> None:
+    """The fused CUDA AdamW (decay and no-decay groups) moves the weights as torch's for-loop AdamW does."""
+    torch.manual_seed(0)
+    models = [nn.Linear(64, 48).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(models[0], cfg)
+    plain = torch.optim.AdamW([{"params": [models[1].weight], "weight_decay": 0.1},
+                               {"params": [models[1].bias], "weight_decay": 0.0}],
+                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    assert fused.defaults["fused"]
+    x = torch.randn(32, 64, device="cuda")
+    for _ in range(3):
+        for model, opt in zip(models, (fused, plain), strict=True):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_clip_grad_norm_matches_manual_and_flags_nan() -> None:
     torch.manual_seed(0)
     model = nn.Linear(5, 3)
