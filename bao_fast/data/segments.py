@@ -81,15 +81,13 @@ def _as_token_tensor(token_ids: object, where: str) -> torch.Tensor:
             raise ValueError(f"{where} token_ids must be a 1-D integer tensor, got {token_ids.dtype}{shape}")
         tokens = token_ids.detach().to("cpu", torch.int64)
     elif isinstance(token_ids, (list, tuple)):
-        array = np.asarray(token_ids)  # one C pass; anything but a flat int64 array is checked in Python below
-        if array.dtype == np.int64 and array.ndim == 1:
-            tokens = torch.from_numpy(array)
-        elif not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+        if not set(map(type, token_ids)) <= {int}:  # C-speed type check: bools, floats, numpy scalars refused
             raise ValueError(f"{where} token_ids must contain only ints")
-        elif token_ids and not (min(token_ids) >= -(2**63) and max(token_ids) < 2**63):
-            raise ValueError(f"{where} token_ids must fit in int64")
-        else:
-            tokens = torch.tensor(token_ids, dtype=torch.int64)
+        try:
+            array = np.asarray(token_ids, dtype=np.int64)  # one C pass
+        except OverflowError:
+            raise ValueError(f"{where} token_ids must fit in int64") from None
+        tokens = torch.from_numpy(array)
     else:
         raise TypeError(f"{where} token_ids must be a list of ints or a 1-D tensor, got {type(token_ids).__name__}")
     if tokens.numel() and int(tokens.min()) < 0:
