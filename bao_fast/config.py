@@ -97,7 +97,8 @@ class RolloutConfig:
     threads step the gyms (and wait on a user simulator) concurrently. ``scheduling``: ``continuous`` gives each
     episode its next turn as soon as its gym step returns while the engine keeps generating the others' (vLLM
     with ``tensor_parallel_size`` 1); ``rounds`` waits for every live episode's turn, then steps all gyms (what
-    the hf engine and tensor-parallel groups always do; see ``bao_fast.rollout.agent_loop``). vLLM resources:
+    the hf engine and tensor-parallel groups always do; ``rounds`` reruns bit-exactly with reproducible gyms,
+    ``continuous`` up to the engine's batch-dependent numerics; see ``bao_fast.rollout.agent_loop``). vLLM resources:
     on a GPU its KV cache gets ``gpu_memory_utilization`` of the device, and between rollouts it sleeps
     (``sleep_level`` 1 offloads its weights to host memory, 2 discards them); ``enforce_eager`` skips CUDA
     graphs. On the CPU its KV cache

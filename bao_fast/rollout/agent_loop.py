@@ -12,7 +12,8 @@ consecutive trajectories sharing ``group_id = i`` and the gym seed ``seeds[i]``;
 sampling. Gyms step in a thread pool of ``env_workers`` (LLM-simulated users are slow, programmatic ones cost
 nothing). ``scheduling``:
 
-* ``continuous`` (with a ``StreamingEngine``, e.g. vLLM, and no tensor-parallel group): every episode's turn
+* ``continuous`` (with a ``StreamingEngine`` that is ``streaming``, e.g. vLLM without tensor parallelism, and
+  no tensor-parallel group): every episode's turn
   is its own engine request; as soon as it finishes, its gym steps and the episode's next turn joins the
   engine's running batch while the other episodes still generate. Neither the longest output of a round nor a
   slow user simulator holds up the episodes that are ready.
@@ -21,7 +22,9 @@ nothing). ``scheduling``:
 
 With ``params.seed`` set, turn ``t`` of episode ``e`` (of ``n``) samples with seed ``params.seed + t * n + e``
 (in rounds: ``params.seed + t * n`` plus the request's index in the call, the same while all episodes are
-live), so a run is reproducible.
+live). Rounds with reproducible gyms rerun exactly; continuous scheduling samples the same way, but which
+requests share an engine step depends on when the gyms answer, and an engine's numerics differ slightly with
+its batch, so a rerun can differ in a token (use ``rounds`` for bit-exact reruns).
 
 With a tensor-parallel engine (``tp_group`` of more than one rank, ``bao_fast.rollout.tp_group``) every rank
 of the group calls ``run_episodes`` with the same arguments; only the group's leader resets and steps the gyms,
@@ -277,7 +280,7 @@ def run_episodes(
 
     rules = _Rules(tokenizer, fmt, params, limit, max_turns, len(episodes))
     with ThreadPoolExecutor(max_workers=env_workers) as pool:
-        if scheduling == "continuous" and not grouped and isinstance(engine, StreamingEngine):
+        if scheduling == "continuous" and not grouped and isinstance(engine, StreamingEngine) and engine.streaming:
             _play_continuously(engine, episodes, rules, pool)
         else:
             _play_in_rounds(engine, episodes, rules, pool, tp_group if grouped else None)
@@ -305,7 +308,8 @@ def _play_continuously(
     engine: StreamingEngine, episodes: list[_Episode], rules: _Rules, pool: ThreadPoolExecutor
 ) -> None:
     """Each episode's next turn is queued as soon as its gym step returns, while the engine keeps generating
-    the others'; the unfinished requests are dropped if anything raises."""
+    the others'; if anything raises, the gym steps not started are cancelled and the unfinished requests
+    dropped."""
     stepping: dict[Future, tuple[_Episode, Generation]] = {}
 
     def queue(ep: _Episode) -> None:
@@ -329,5 +333,7 @@ def _play_continuously(
                 if rules.take_result(ep, gen, future.result()):
                     queue(ep)
     except BaseException:
+        for future in stepping:
+            future.cancel()
         engine.abort_requests()
         raise

@@ -120,6 +120,7 @@ class VLLMEngine:
         sleep_level: int = 1,
         on_gpu: bool = False,
         bucket_mb: float = 512,
+        tensor_parallel_size: int = 1,
     ):
         self.llm = llm
         self.max_model_len = max_model_len
@@ -130,6 +131,8 @@ class VLLMEngine:
         self._asleep = False
         self._weights_stale = False
         self._unfinished: dict[str, tuple[int, bool]] = {}  # vLLM request id -> (add_request's key, log-probs?)
+        # requests one at a time only without tensor parallelism: a group's ranks must submit identical batches
+        self.streaming = tensor_parallel_size == 1
 
     @classmethod
     def from_config(
@@ -194,11 +197,15 @@ class VLLMEngine:
             sleep_level=cfg.sleep_level,
             on_gpu=on_gpu,
             bucket_mb=cfg.weight_sync_bucket_mb,
+            tensor_parallel_size=cfg.tensor_parallel_size,
         )
 
     def generate(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
         """One continuation per prompt (see ``bao_fast.rollout.engine`` for the contract)."""
-        self._check_ready()
+        self._check_ready("generate")
+        if self._unfinished:  # LLM.generate would run them too and not return them
+            raise RuntimeError("VLLMEngine.generate called with add_request requests unfinished; step them to the "
+                               "end or abort_requests() first")
         validate_prompts(prompts, self.max_model_len)
         seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
         sampling = [self._sampling(params, len(prompt), seed) for prompt, seed in zip(prompts, seeds, strict=True)]
@@ -207,7 +214,10 @@ class VLLMEngine:
 
     def add_request(self, key: int, prompt: list[int], params: GenerationParams) -> None:
         """Queue one continuation of ``prompt`` (seeded with ``params.seed`` as is); ``step`` reports it."""
-        self._check_ready()
+        if not self.streaming:
+            raise RuntimeError("VLLMEngine.add_request needs tensor_parallel_size 1 (streaming is False): the ranks "
+                               "of a tensor-parallel engine must submit identical batches with generate()")
+        self._check_ready("add_request")
         validate_prompts([prompt], self.max_model_len)
         request_id = f"bao-{key}"
         if request_id in self._unfinished:
@@ -236,9 +246,9 @@ class VLLMEngine:
             self.llm.llm_engine.abort_request(list(self._unfinished))
             self._unfinished.clear()
 
-    def _check_ready(self) -> None:
+    def _check_ready(self, caller: str) -> None:
         if self._asleep:
-            raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first")
+            raise RuntimeError(f"VLLMEngine.{caller} called while asleep; call wake_up() first")
         if self._weights_stale:
             raise RuntimeError("weights were discarded by a level-2 sleep; push them with sync_weights_from() first")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -14,7 +15,16 @@ import torch
 from bao_fast.config import RolloutConfig
 from bao_fast.data.segments import pack_segments
 from bao_fast.envs import generate_tasks, make_gym
-from bao_fast.rollout import END_REASONS, ChatFormat, Generation, GenerationParams, HFEngine, Trajectory, run_episodes
+from bao_fast.rollout import (
+    END_REASONS,
+    ChatFormat,
+    Generation,
+    GenerationParams,
+    HFEngine,
+    TPGroup,
+    Trajectory,
+    run_episodes,
+)
 
 from ._helpers import EndlessGym
 
@@ -52,8 +62,9 @@ class StreamingScriptedEngine(ScriptedEngine):
     """ScriptedEngine as a StreamingEngine too: each ``step`` finishes the newest queued request (so episodes
     run out of step); logs ``requests`` as (key, prompt, params, generation) in finishing order."""
 
-    def __init__(self, tokenizer, policy: Callable[[str], str], max_model_len: int = MAX_LEN):
+    def __init__(self, tokenizer, policy: Callable[[str], str], max_model_len: int = MAX_LEN, streaming=True):
         super().__init__(tokenizer, policy, max_model_len)
+        self.streaming = streaming
         self.queue: list[tuple[int, list[int], GenerationParams]] = []
         self.requests: list[tuple[int, list[int], GenerationParams, Generation]] = []
         self.aborted: list[list[int]] = []  # the keys dropped by each abort_requests call
@@ -421,3 +432,41 @@ def test_a_slow_gym_holds_up_only_its_own_episode(tokenizer, scheduling, release
                          max_turns=3, env_workers=2, scheduling=scheduling)
     assert waited == [released]
     assert [t.num_turns for t in trajs] == [3, 3] and {t.end_reason for t in trajs} == {"max_turns"}
+
+
+@pytest.mark.parametrize(("streaming", "tp_size"), [(False, 1), (True, 2)])
+def test_rounds_where_requests_cannot_stream(tokenizer, streaming, tp_size):
+    """A tensor-parallel group (its ranks must submit identical batches) or an engine that cannot stream plays
+    in rounds whatever ``scheduling`` asks for."""
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "ok", streaming=streaming)
+    group = TPGroup(tp_size, 0, 1, 0)  # no process group: the leader's own results, no collectives
+    trajs = run_episodes(engine, tokenizer, lambda: EndlessGym(max_turns=2), [0, 1],
+                         params=GenerationParams(max_tokens=4), max_turns=2, tp_group=group, scheduling="continuous")
+    assert engine.requests == [] and [len(prompts) for prompts, _ in engine.calls] == [2, 2]
+    assert [t.num_turns for t in trajs] == [2, 2]
+
+
+def test_an_error_cancels_the_gym_steps_not_started(tokenizer):
+    """A user simulator gone for good in one episode's step: the other episodes' steps still queued for the
+    pool's one worker are cancelled, not run (each could wait minutes on a dead server) before the error."""
+    from bao_fast.envs.user_client import UserSimulatorError
+
+    started: list[int] = []
+
+    class Gym(EndlessGym):
+        def _reset(self, task):
+            self.task = task
+            return super()._reset(task)
+
+        def step(self, action_text):
+            started.append(self.task)
+            time.sleep(0.2)  # meanwhile the other episodes' turns finish and their steps queue up
+            if self.task == 3:  # the newest request: its episode is stepped first
+                raise UserSimulatorError("gone")
+            return super().step(action_text)
+
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "ok")
+    with pytest.raises(UserSimulatorError, match="gone"):
+        run_episodes(engine, tokenizer, lambda: Gym(max_turns=2), [0, 1, 2, 3], params=GenerationParams(max_tokens=4),
+                     max_turns=2, env_workers=1, scheduling="continuous")
+    assert started[0] == 3 and len(started) <= 2  # (the worker takes the next step as episode 3's raises)

@@ -88,9 +88,21 @@ def test_streaming_requests_equal_generate_and_abort_cleanly(engine):
     engine.add_request(1, PROMPTS[0], params)
     engine.add_request(2, PROMPTS[1], params)
     engine.step()
+    with pytest.raises(RuntimeError, match="add_request requests unfinished"):
+        engine.generate(prompts, params)  # LLM.generate would run them and drop their outputs
     engine.abort_requests()
     assert not engine.has_unfinished_requests() and not engine.llm.llm_engine.has_unfinished_requests()
     assert [g.token_ids for g in engine.generate(prompts, params)] == [g.token_ids for g in batch]
+
+
+def test_a_tensor_parallel_engine_does_not_stream():
+    """Its ranks must submit identical batches: run_episodes plays it in rounds, add_request refuses."""
+    from bao_fast.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(object(), max_model_len=MAX_MODEL_LEN, dtype=torch.float32, tensor_parallel_size=2)
+    assert not engine.streaming
+    with pytest.raises(RuntimeError, match="add_request needs tensor_parallel_size 1"):
+        engine.add_request(0, PROMPTS[0], GenerationParams())
 
 
 def test_stop_tokens_and_context_clamp(engine, reference):
