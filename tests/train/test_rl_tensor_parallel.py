@@ -33,6 +33,7 @@ CONFIG = [
     f"rollout.group_size={GROUP_SIZE}", f"rollout.prompts_per_step={PROMPTS}", "rollout.max_turn_tokens=8",
     "rollout.max_model_len=256", "rollout.env_workers=1", "train.mini_batch_size=2", "train.micro_batch_tokens=256",
     "optim.lr=1e-3", "logging.progress=false",
+    "rollout.scheduling=rounds",  # what a tensor-parallel group plays: the single-rank run must batch alike
 ]
 EXACT = ("reward", "success_rate", "ur", "turns", "response_tokens_per_turn", "tokens_total",
          "context_limit_fraction", "gym_error_fraction", "actor/skipped_updates", "actor/lr")
