@@ -95,10 +95,11 @@ class RolloutConfig:
     Sampling: ``prompts_per_step`` tasks per RL step, each played ``group_size`` times (a GRPO group), at
     ``temperature`` / ``top_p``, each assistant turn at most ``max_turn_tokens`` tokens; ``env_workers``
     threads step the gyms (and wait on a user simulator) concurrently. ``scheduling``: ``continuous`` gives each
-    episode its next turn as soon as its gym step returns while the engine keeps generating the others' (vLLM
-    with ``tensor_parallel_size`` 1); ``rounds`` waits for every live episode's turn, then steps all gyms (what
-    the hf engine and tensor-parallel groups always do; ``rounds`` reruns bit-exactly with reproducible gyms,
-    ``continuous`` up to the engine's batch-dependent numerics; see ``bao_fast.rollout.agent_loop``). vLLM resources:
+    episode its next turn as soon as its gym step returns while vLLM keeps generating the others' (a
+    tensor-parallel group's leader tells its ranks which answers are in after every engine step); ``rounds``
+    waits for every live episode's turn, then steps all gyms (what the hf engine always does). ``rounds`` reruns
+    bit-exactly with reproducible gyms, ``continuous`` up to the engine's batch-dependent numerics (see
+    ``bao_fast.rollout.agent_loop``). vLLM resources:
     on a GPU its KV cache gets ``gpu_memory_utilization`` of the device, and between rollouts it sleeps
     (``sleep_level`` 1 offloads its weights to host memory, 2 discards them); ``enforce_eager`` skips CUDA
     graphs. On the CPU its KV cache

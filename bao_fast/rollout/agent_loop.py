@@ -12,13 +12,13 @@ consecutive trajectories sharing ``group_id = i`` and the gym seed ``seeds[i]``;
 sampling. Gyms step in a thread pool of ``env_workers`` (LLM-simulated users are slow, programmatic ones cost
 nothing). ``scheduling``:
 
-* ``continuous`` (with a ``StreamingEngine`` that is ``streaming``, e.g. vLLM without tensor parallelism, and
-  no tensor-parallel group): every episode's turn
+* ``continuous`` (with a ``StreamingEngine``, e.g. vLLM; a tensor-parallel one only through its
+  ``tp_group``): every episode's turn
   is its own engine request; as soon as it finishes, its gym steps and the episode's next turn joins the
   engine's running batch while the other episodes still generate. Neither the longest output of a round nor a
   slow user simulator holds up the episodes that are ready.
-* ``rounds`` (any engine; always with a tensor-parallel group, whose ranks must submit identical batches):
-  one ``engine.generate`` call for the turns of all live episodes, then all their gym steps, then the next.
+* ``rounds`` (any engine; the transformers engine always): one ``engine.generate`` call for the turns of all
+  live episodes, then all their gym steps, then the next.
 
 With ``params.seed`` set, turn ``t`` of episode ``e`` (of ``n``) samples with seed ``params.seed + t * n + e``
 (in rounds: ``params.seed + t * n`` plus the request's index in the call, the same while all episodes are
@@ -29,8 +29,9 @@ its batch, so a rerun can differ in a token (use ``rounds`` for bit-exact reruns
 With a tensor-parallel engine (``tp_group`` of more than one rank, ``bao_fast.rollout.tp_group``) every rank
 of the group calls ``run_episodes`` with the same arguments; only the group's leader resets and steps the gyms,
 and the other ranks receive its results (opening messages, step results, the exceptions raised), so the
-prompts of every round (such a group plays in rounds) are the same on all ranks even when the gym's replies
-are not reproducible (an LLM user simulator), and the simulator sees each request once.
+ranks submit the same requests in the same order even when the gym's replies are not reproducible (an LLM
+user simulator), and the simulator sees each request once. Continuous scheduling broadcasts which answers are
+in after every engine step while a gym step is pending (a small gloo message).
 
 End conditions (BAO.md), in the order they are checked after a turn:
 
@@ -280,11 +281,19 @@ def run_episodes(
 
     rules = _Rules(tokenizer, fmt, params, limit, max_turns, len(episodes))
     with ThreadPoolExecutor(max_workers=env_workers) as pool:
-        if scheduling == "continuous" and not grouped and isinstance(engine, StreamingEngine) and engine.streaming:
-            _play_continuously(engine, episodes, rules, pool)
+        group = tp_group if grouped else None
+        if scheduling == "continuous" and _streams(engine, group):
+            _play_continuously(engine, episodes, rules, pool, group)
         else:
-            _play_in_rounds(engine, episodes, rules, pool, tp_group if grouped else None)
+            _play_in_rounds(engine, episodes, rules, pool, group)
     return [ep.traj for ep in episodes]
+
+
+def _streams(engine: GenerationEngine, tp_group: TPGroup | None) -> bool:
+    """Whether ``engine`` can take this rank's requests one at a time: a ``StreamingEngine`` of its own, or one
+    shared by exactly ``tp_group``'s ranks (whose leader then orders the requests)."""
+    shared_by = tp_group.size if tp_group is not None else 1
+    return isinstance(engine, StreamingEngine) and engine.tensor_parallel_size == shared_by
 
 
 def _play_in_rounds(
@@ -305,35 +314,44 @@ def _play_in_rounds(
 
 
 def _play_continuously(
-    engine: StreamingEngine, episodes: list[_Episode], rules: _Rules, pool: ThreadPoolExecutor
+    engine: StreamingEngine, episodes: list[_Episode], rules: _Rules, pool: ThreadPoolExecutor,
+    tp_group: TPGroup | None,
 ) -> None:
     """Each episode's next turn is queued as soon as its gym step returns, while the engine keeps generating
     the others'; if anything raises, the gym steps not started are cancelled and the unfinished requests
-    dropped."""
-    stepping: dict[Future, tuple[_Episode, Generation]] = {}
+    dropped. In a tensor-parallel group the leader steps the gyms and, after every engine step, tells the group
+    which answers are in, so that every rank adds the same requests in the same order."""
+    lead = tp_group.from_leader if tp_group is not None else (lambda fn: fn())
+    steps: dict[int, Future] = {}  # the gym steps in flight (on the leader), by episode
+    waiting: dict[int, Generation] = {}  # every rank: the episodes waiting on their gym, and their outputs
 
     def queue(ep: _Episode) -> None:
         engine.add_request(ep.index, ep.prompt, rules.turn_params(ep.turn, ep.index))
 
+    def answers(block: bool) -> list[tuple[int, StepResult | RuntimeError]]:
+        """The gym answers that are in (at least one when ``block``), in episode order."""
+        if block:
+            wait(steps.values(), return_when=FIRST_COMPLETED)
+        return [(i, steps.pop(i).result()) for i in sorted(i for i, f in steps.items() if f.done())]
+
     try:
         for ep in episodes:
             queue(ep)
-        while engine.has_unfinished_requests() or stepping:
-            if engine.has_unfinished_requests():
+        while engine.has_unfinished_requests() or waiting:
+            generating = engine.has_unfinished_requests()
+            if generating:
                 for index, raw in engine.step():
                     ep = episodes[index]
                     if (out := rules.take_output(ep, raw)) is not None:
-                        gen, text = out
-                        stepping[pool.submit(step_gym, ep.gym, ep.traj.task_id, text)] = (ep, gen)
-                ready = [f for f in stepping if f.done()]
-            else:  # nothing to generate until a gym answers
-                ready = list(wait(stepping, return_when=FIRST_COMPLETED).done)
-            for future in sorted(ready, key=lambda f: stepping[f][0].index):
-                ep, gen = stepping.pop(future)
-                if rules.take_result(ep, gen, future.result()):
-                    queue(ep)
+                        waiting[index] = out[0]
+                        if ep.gym is not None:  # the leader's (or a lone rank's) gyms
+                            steps[index] = pool.submit(step_gym, ep.gym, ep.traj.task_id, out[1])
+            if waiting:  # (the same on every rank of a group: the engine's outputs are)
+                for index, result in lead(partial(answers, not generating)):
+                    if rules.take_result(episodes[index], waiting.pop(index), result):
+                        queue(episodes[index])
     except BaseException:
-        for future in stepping:
+        for future in steps.values():
             future.cancel()
         engine.abort_requests()
         raise

@@ -21,9 +21,9 @@ Contract every engine keeps:
   one private generator per call.
 * A ``StreamingEngine`` also takes requests one at a time (``add_request(key, prompt, params)``, its
   ``params.seed`` used as is) and reports each as it finishes (``step()``), so that the agent loop can give an
-  episode its next turn while others still generate; ``abort_requests()`` drops the unfinished ones. Its
-  ``streaming`` is False where it cannot (a tensor-parallel vLLM engine). The batch a request shares then
-  depends on timing, so its sampled tokens are reproducible only up to batch-dependent numerics.
+  episode its next turn while others still generate; ``abort_requests()`` drops the unfinished ones. The
+  ``tensor_parallel_size`` ranks sharing it must add the same requests in the same order. The batch a request
+  shares depends on timing, so its sampled tokens are reproducible only up to batch-dependent numerics.
 * ``sleep()`` / ``wake_up()`` release and restore accelerator memory around training (no-ops on the
   CPU); ``load_weights(named_tensors)`` copies HF-named full tensors into the engine's model.
 
@@ -118,7 +118,7 @@ class GenerationEngine(Protocol):
 class StreamingEngine(Protocol):
     """An engine that schedules requests continuously across calls (see the module docstring)."""
 
-    streaming: bool  # whether add_request may be used (False: generate only)
+    tensor_parallel_size: int  # ranks that share the engine and must add the same requests in the same order
 
     def add_request(self, key: int, prompt: list[int], params: GenerationParams) -> None:
         """Queue one continuation of ``prompt``; ``step`` reports it under ``key`` (unique among the unfinished)."""

@@ -10,7 +10,8 @@
 
 With ``external_launcher`` vLLM builds its tensor-parallel groups from consecutive ranks (``[0..tp-1]``,
 ``[tp..2tp-1]``, ...), and every rank of a group runs its own copy of the scheduler: all of them must submit
-the same prompts and sampling params to ``generate``, in the same order, every round. The engine then returns
+the same prompts and sampling params, in the same order (the same ``generate`` calls, or the same
+``add_request`` calls between the same engine steps). The engine then returns
 the same tokens on every rank of the group (the logits are all-gathered, sampling is seeded per request).
 
 What the engine does not control is the environment. A gym backed by an LLM user simulator sends HTTP requests
@@ -125,7 +126,7 @@ class TPGroup:
             raise RuntimeError(
                 f"the ranks of tensor-parallel group {self.index} (ranks {self.leader_rank}.."
                 f"{self.leader_rank + self.size - 1}) rolled out different episodes; they must submit identical "
-                "prompts and sampling params every round (rollout.tensor_parallel_size)"
+                "prompts and sampling params in the same order (rollout.tensor_parallel_size)"
             )
 
 

@@ -12,7 +12,7 @@
 * In a ``torchrun``-launched process (``RANK``/``LOCAL_RANK`` set) the engine uses vLLM's
   ``external_launcher`` executor: it lives in this process and joins the ranks ``torchrun`` started
   (``tensor_parallel_size`` consecutive ranks share one model replica and must submit the same prompts
-  and params to ``generate``, see ``bao_fast.rollout.tp_group``; with 1, every rank plays its own episodes).
+  and params in the same order, see ``bao_fast.rollout.tp_group``; with 1, every rank plays its own episodes).
   On the CPU with ``tensor_parallel_size`` > 1 the ranks first clear the shared-memory files a killed run
   left (``bao_fast.rollout.cpu_shm``), which would otherwise fail vLLM's start-up. Without ``torchrun``
   the engine runs single-process (``uni``), with ``tensor_parallel_size`` 1 only. Weight sync is the same
@@ -131,8 +131,7 @@ class VLLMEngine:
         self._asleep = False
         self._weights_stale = False
         self._unfinished: dict[str, tuple[int, bool]] = {}  # vLLM request id -> (add_request's key, log-probs?)
-        # requests one at a time only without tensor parallelism: a group's ranks must submit identical batches
-        self.streaming = tensor_parallel_size == 1
+        self.tensor_parallel_size = tensor_parallel_size
 
     @classmethod
     def from_config(
@@ -213,10 +212,8 @@ class VLLMEngine:
         return [self._generation(out, params.return_logprobs) for out in outputs]
 
     def add_request(self, key: int, prompt: list[int], params: GenerationParams) -> None:
-        """Queue one continuation of ``prompt`` (seeded with ``params.seed`` as is); ``step`` reports it."""
-        if not self.streaming:
-            raise RuntimeError("VLLMEngine.add_request needs tensor_parallel_size 1 (streaming is False): the ranks "
-                               "of a tensor-parallel engine must submit identical batches with generate()")
+        """Queue one continuation of ``prompt`` (seeded with ``params.seed`` as is); ``step`` reports it. The
+        ranks of a tensor-parallel engine must add the same requests in the same order."""
         self._check_ready("add_request")
         validate_prompts([prompt], self.max_model_len)
         request_id = f"bao-{key}"

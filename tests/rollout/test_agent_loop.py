@@ -62,9 +62,9 @@ class StreamingScriptedEngine(ScriptedEngine):
     """ScriptedEngine as a StreamingEngine too: each ``step`` finishes the newest queued request (so episodes
     run out of step); logs ``requests`` as (key, prompt, params, generation) in finishing order."""
 
-    def __init__(self, tokenizer, policy: Callable[[str], str], max_model_len: int = MAX_LEN, streaming=True):
+    def __init__(self, tokenizer, policy: Callable[[str], str], max_model_len: int = MAX_LEN, tensor_parallel_size=1):
         super().__init__(tokenizer, policy, max_model_len)
-        self.streaming = streaming
+        self.tensor_parallel_size = tensor_parallel_size
         self.queue: list[tuple[int, list[int], GenerationParams]] = []
         self.requests: list[tuple[int, list[int], GenerationParams, Generation]] = []
         self.aborted: list[list[int]] = []  # the keys dropped by each abort_requests call
@@ -434,15 +434,16 @@ def test_a_slow_gym_holds_up_only_its_own_episode(tokenizer, scheduling, release
     assert [t.num_turns for t in trajs] == [3, 3] and {t.end_reason for t in trajs} == {"max_turns"}
 
 
-@pytest.mark.parametrize(("streaming", "tp_size"), [(False, 1), (True, 2)])
-def test_rounds_where_requests_cannot_stream(tokenizer, streaming, tp_size):
-    """A tensor-parallel group (its ranks must submit identical batches) or an engine that cannot stream plays
-    in rounds whatever ``scheduling`` asks for."""
-    engine = StreamingScriptedEngine(tokenizer, lambda _: "ok", streaming=streaming)
-    group = TPGroup(tp_size, 0, 1, 0)  # no process group: the leader's own results, no collectives
+@pytest.mark.parametrize(("engine_tp", "group_size", "continuous"), [(2, 1, False), (1, 2, False), (2, 2, True)])
+def test_continuous_only_where_the_engine_is_shared_by_exactly_the_group(tokenizer, engine_tp, group_size, continuous):
+    """A tensor-parallel engine streams only through its own group (whose leader orders the requests); without
+    it (bao-fast eval) or with another group it plays in rounds."""
+    engine = StreamingScriptedEngine(tokenizer, lambda _: "ok", tensor_parallel_size=engine_tp)
+    group = TPGroup(group_size, 0, 1, 0)  # no process group: the leader's own results, no collectives
     trajs = run_episodes(engine, tokenizer, lambda: EndlessGym(max_turns=2), [0, 1],
                          params=GenerationParams(max_tokens=4), max_turns=2, tp_group=group, scheduling="continuous")
-    assert engine.requests == [] and [len(prompts) for prompts, _ in engine.calls] == [2, 2]
+    assert (len(engine.requests), [len(prompts) for prompts, _ in engine.calls]) == (
+        (4, []) if continuous else (0, [2, 2]))
     assert [t.num_turns for t in trajs] == [2, 2]
 
 

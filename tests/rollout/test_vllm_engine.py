@@ -67,7 +67,7 @@ def test_sampling_seeded_distinct_and_processed_logprobs(engine, reference):
 def test_streaming_requests_equal_generate_and_abort_cleanly(engine):
     """add_request/step give request k, seeded ``seed + k``, what generate gives prompt k of one call (seed + its
     index); the context clamp and log-probs included; abort_requests leaves nothing for the next call."""
-    assert isinstance(engine, StreamingEngine)
+    assert isinstance(engine, StreamingEngine) and engine.tensor_parallel_size == 1
     params = GenerationParams(max_tokens=7, temperature=0.9, seed=11)
     prompts = [*PROMPTS, list(range(10, 10 + MAX_MODEL_LEN - 3))]  # the last one has room for 3 tokens
     batch = engine.generate(prompts, params)
@@ -93,16 +93,6 @@ def test_streaming_requests_equal_generate_and_abort_cleanly(engine):
     engine.abort_requests()
     assert not engine.has_unfinished_requests() and not engine.llm.llm_engine.has_unfinished_requests()
     assert [g.token_ids for g in engine.generate(prompts, params)] == [g.token_ids for g in batch]
-
-
-def test_a_tensor_parallel_engine_does_not_stream():
-    """Its ranks must submit identical batches: run_episodes plays it in rounds, add_request refuses."""
-    from bao_fast.rollout.vllm_engine import VLLMEngine
-
-    engine = VLLMEngine(object(), max_model_len=MAX_MODEL_LEN, dtype=torch.float32, tensor_parallel_size=2)
-    assert not engine.streaming
-    with pytest.raises(RuntimeError, match="add_request needs tensor_parallel_size 1"):
-        engine.add_request(0, PROMPTS[0], GenerationParams())
 
 
 def test_stop_tokens_and_context_clamp(engine, reference):

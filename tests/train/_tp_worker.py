@@ -2,7 +2,7 @@
 
 Builds the RL setup of the config from argv[1] (JSON list of dotted overrides) with the colocated vLLM engine,
 then runs one greedy evaluation and one RL step, recording on every rank: the prompts submitted to
-``generate`` (in order), the trajectories each rollout returned, the ``(task_id, group_id)`` of the
+``generate`` or ``add_request`` (in order), the trajectories each rollout returned, the ``(task_id, group_id)`` of the
 trajectories the rank trained on, how many times its gyms were stepped, the step's metrics and the eval
 summary. Rank 0 writes ``{"ranks": [...]}`` to argv[2].
 
@@ -79,6 +79,10 @@ def main() -> None:
     prompts: list[list[list[int]]] = []
     generate = s.engine.generate
     s.engine.generate = lambda batch, params: prompts.append(batch) or generate(batch, params)
+    requests: list[tuple[int, list[int]]] = []  # continuous scheduling: (episode, prompt) in the order added
+    add_request = s.engine.add_request
+    s.engine.add_request = lambda key, prompt, params: requests.append((key, prompt)) or add_request(key, prompt,
+                                                                                                    params)
     rollouts: list[list[dict[str, Any]]] = []
     rollout = rl.rollout
 
@@ -99,7 +103,8 @@ def main() -> None:
                        NonFiniteGuard(cfg.train.max_nonfinite_steps))
     summary = rl.evaluate(s, 0)
     metrics = rl.rl_step(s, state)
-    result = {"rank": env.rank, "tp_index": s.tp_group.index, "prompts": prompts, "rollouts": rollouts,
+    result = {"rank": env.rank, "tp_index": s.tp_group.index, "prompts": prompts, "requests": requests,
+              "rollouts": rollouts,
               "trained": trained, "gym_steps": GYM_STEPS, "metrics": metrics, "eval": summary}
     ranks = gather_objects(result)
     if env.is_main:

@@ -33,7 +33,6 @@ CONFIG = [
     f"rollout.group_size={GROUP_SIZE}", f"rollout.prompts_per_step={PROMPTS}", "rollout.max_turn_tokens=8",
     "rollout.max_model_len=256", "rollout.env_workers=1", "train.mini_batch_size=2", "train.micro_batch_tokens=256",
     "optim.lr=1e-3", "logging.progress=false",
-    "rollout.scheduling=rounds",  # what a tensor-parallel group plays: the single-rank run must batch alike
 ]
 EXACT = ("reward", "success_rate", "ur", "turns", "response_tokens_per_turn", "tokens_total",
          "context_limit_fraction", "gym_error_fraction", "actor/skipped_updates", "actor/lr")
@@ -41,15 +40,15 @@ CLOSE = ("score_shaped_mean", "advantage_abs_mean", "actor/loss", "actor/clipfra
          "actor/grad_norm")
 
 
-def worker_args(tmp: Path, name: str, tp: int) -> list[str]:
+def worker_args(tmp: Path, name: str, tp: int, scheduling: str = "rounds") -> list[str]:
     """The worker's argv: the config's overrides (JSON) and the file rank 0 writes."""
     overrides = [*CONFIG, "model.tiny=true", f"model.path={tmp / 'model'}", f"run_dir={tmp / name}",
-                 f"rollout.tensor_parallel_size={tp}"]
+                 f"rollout.tensor_parallel_size={tp}", f"rollout.scheduling={scheduling}"]
     return [json.dumps(overrides), str(tmp / f"{name}.json")]
 
 
-def run(tmp: Path, name: str, tp: int, nproc: int) -> list[dict]:
-    args = worker_args(tmp, name, tp)
+def run(tmp: Path, name: str, tp: int, nproc: int, scheduling: str = "rounds") -> list[dict]:
+    args = worker_args(tmp, name, tp, scheduling)
     run_worker("_tp_worker.py", args, nproc=nproc, timeout=240)
     return json.loads(Path(args[1]).read_text())["ranks"]
 
@@ -64,6 +63,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dic
     for path in STALE_SHM:
         path.write_bytes(b"\x01" * 4096)
     return run(tmp, "tp2", tp=2, nproc=2), run(tmp, "tp1", tp=1, nproc=1)
+
+
+@pytest.fixture(scope="module")
+def continuous(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run(tmp_path_factory.mktemp("tpc"), "tp2c", tp=2, nproc=2, scheduling="continuous")
 
 
 def test_a_killed_runs_shared_memory_does_not_stop_the_next(runs) -> None:
@@ -118,3 +122,16 @@ def test_shared_memory_in_use_by_another_run_is_named(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "two CPU tensor-parallel runs cannot share a machine" in output, output[-4000:]
     assert f"{held} (pid {os.getpid()})" in output
+
+
+def test_a_group_plays_continuously_in_lockstep(continuous, runs) -> None:
+    """Continuous scheduling in a tensor-parallel group: both ranks add the same requests in the same order
+    (the leader tells the group which gym answers are in), only the leader steps the gyms, and the episodes
+    are those of rounds (the same per-(episode, turn) seeds: every rankecho episode plays both turns)."""
+    r0, r1 = continuous
+    assert r0["prompts"] == r1["prompts"] == []  # no generate call: every turn was its own request
+    assert len(r0["requests"]) == 2 * (2 + PROMPTS * GROUP_SIZE) and r0["requests"] == r1["requests"]
+    assert r0["rollouts"] == r1["rollouts"] == runs[0][0]["rollouts"]
+    assert r0["gym_steps"] > 0 and r1["gym_steps"] == 0
+    for key in EXACT:
+        assert r0["metrics"][key] == r1["metrics"][key] == runs[0][0]["metrics"][key], key
