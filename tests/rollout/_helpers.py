@@ -48,11 +48,13 @@ def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None
 
 
 class EndlessGym(Gym):
-    """Accepts any text (even without a tool call) so a random-weight model plays several turns."""
+    """Accepts any text (even without a tool call) so a random-weight model plays several turns; remembers its
+    ``task``."""
 
     name = "endless"
 
     def _reset(self, task: Any) -> list[dict[str, str]]:
+        self.task = task
         return [{"role": "system", "content": "Say anything."}, {"role": "user", "content": f"Task {task}."}]
 
     def _act(self, call):  # pragma: no cover - never reached, step is overridden

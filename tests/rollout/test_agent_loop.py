@@ -415,10 +415,6 @@ def test_a_slow_gym_holds_up_only_its_own_episode(tokenizer, scheduling, release
     waited: list[bool] = []
 
     class Gym(EndlessGym):
-        def _reset(self, task):
-            self.task = task
-            return super()._reset(task)
-
         def step(self, action_text):
             result = super().step(action_text)
             if self.task == 0 and self._turn == 1:
@@ -455,10 +451,6 @@ def test_an_error_cancels_the_gym_steps_not_started(tokenizer):
     started: list[int] = []
 
     class Gym(EndlessGym):
-        def _reset(self, task):
-            self.task = task
-            return super()._reset(task)
-
         def step(self, action_text):
             started.append(self.task)
             time.sleep(0.2)  # meanwhile the other episodes' turns finish and their steps queue up
