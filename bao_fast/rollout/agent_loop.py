@@ -13,10 +13,9 @@ sampling. Gyms step in a thread pool of ``env_workers`` (LLM-simulated users are
 nothing). ``scheduling``:
 
 * ``continuous`` (with a ``StreamingEngine``, e.g. vLLM; a tensor-parallel one only through its
-  ``tp_group``): every episode's turn
-  is its own engine request; as soon as it finishes, its gym steps and the episode's next turn joins the
-  engine's running batch while the other episodes still generate. Neither the longest output of a round nor a
-  slow user simulator holds up the episodes that are ready.
+  ``tp_group``): every episode's turn is its own engine request; as soon as it finishes, its gym steps and
+  the episode's next turn joins the engine's running batch while the other episodes still generate. Neither
+  the longest output of a round nor a slow user simulator holds up the episodes that are ready.
 * ``rounds`` (any engine; the transformers engine always): one ``engine.generate`` call for the turns of all
   live episodes, then all their gym steps, then the next.
 
@@ -57,7 +56,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 from transformers import PreTrainedTokenizerBase
 
@@ -72,6 +71,7 @@ from bao_fast.rollout.trajectory import EndReason, Trajectory
 logger = logging.getLogger(__name__)
 
 SCHEDULINGS: tuple[Scheduling, ...] = get_args(Scheduling)
+T = TypeVar("T")
 
 
 @dataclass
@@ -256,8 +256,8 @@ def run_episodes(
     if limit > engine.max_model_len:
         raise ValueError(f"max_model_len {limit} exceeds the engine's max_model_len {engine.max_model_len}")
     fmt = ChatFormat.from_tokenizer(tokenizer)
-    grouped = tp_group is not None and tp_group.size > 1
-    lead = tp_group.from_leader if grouped else (lambda fn: fn())
+    group = tp_group if tp_group is not None and tp_group.size > 1 else None  # None: this rank's own gyms
+    lead = _on_leader(group)
     seed_of = [None if seeds is None else int(seeds[i]) for i in range(len(tasks))]
     slots = [i for i in range(len(tasks)) for _ in range(group_size)]  # episode -> task index
     gyms: list[Gym | None] = [None] * len(slots)
@@ -281,12 +281,17 @@ def run_episodes(
 
     rules = _Rules(tokenizer, fmt, params, limit, max_turns, len(episodes))
     with ThreadPoolExecutor(max_workers=env_workers) as pool:
-        group = tp_group if grouped else None
         if scheduling == "continuous" and _streams(engine, group):
             _play_continuously(engine, episodes, rules, pool, group)
         else:
             _play_in_rounds(engine, episodes, rules, pool, group)
     return [ep.traj for ep in episodes]
+
+
+def _on_leader(tp_group: TPGroup | None) -> Callable[[Callable[[], T]], T]:
+    """``tp_group.from_leader``: run a function on the group's leader, every rank gets its result; without a
+    group, just call it."""
+    return tp_group.from_leader if tp_group is not None else (lambda fn: fn())
 
 
 def _streams(engine: GenerationEngine, tp_group: TPGroup | None) -> bool:
@@ -302,7 +307,7 @@ def _play_in_rounds(
 ) -> None:
     """Every round: one ``generate`` call for all live episodes, then all their gym steps (on the group's
     leader, its results shared with the group)."""
-    lead = tp_group.from_leader if tp_group is not None else (lambda fn: fn())
+    lead = _on_leader(tp_group)
     while live := [ep for ep in episodes if not ep.done]:
         gens = engine.generate([ep.prompt for ep in live], rules.turn_params(live[0].turn))
         if tp_group is not None:  # a diverging rank must fail this round, not desynchronise the next one
@@ -321,7 +326,7 @@ def _play_continuously(
     the others'; if anything raises, the gym steps not started are cancelled and the unfinished requests
     dropped. In a tensor-parallel group the leader steps the gyms and, after every engine step, tells the group
     which answers are in, so that every rank adds the same requests in the same order."""
-    lead = tp_group.from_leader if tp_group is not None else (lambda fn: fn())
+    lead = _on_leader(tp_group)
     steps: dict[int, Future] = {}  # the gym steps in flight (on the leader), by episode
     waiting: dict[int, Generation] = {}  # every rank: the episodes waiting on their gym, and their outputs
 
