@@ -186,7 +186,11 @@ class TrainConfig:
     steps, and always before the first and after the last (0 = only there). ``max_nonfinite_steps``: stop after
     N steps in a row that skipped an update for a non-finite loss or gradient norm (SFT, which uses it too: N
     optimiser steps). ``entropy_every``: log the policy's entropy every N steps (0 = never; with
-    ``algo.loss.entropy_coef`` > 0, which needs it, it is computed and logged on every step)."""
+    ``algo.loss.entropy_coef`` > 0, which needs it, it is computed and logged on every step).
+    ``skip_zero_advantage``: without a KL or entropy term, leave trajectories whose advantages are all 0 (a
+    group whose scores are all equal, a gym error) out of the old-log-prob and training forwards: their loss
+    and gradient are exactly 0, and the loss keeps its normaliser, so the update is the same up to float
+    summation order; the actor statistics are then over the tokens that ran (``actor/trained_token_fraction``)."""
 
     steps: int = 100
     ppo_epochs: int = 1
@@ -195,6 +199,7 @@ class TrainConfig:
     eval_every: int = 10
     max_nonfinite_steps: int = 3
     entropy_every: int = 1
+    skip_zero_advantage: bool = True
 
 
 @dataclass

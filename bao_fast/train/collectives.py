@@ -52,11 +52,13 @@ def _cpu_group() -> Any:
     return _GLOO
 
 
-def lockstep(items: list[T]) -> list[tuple[T, float]]:
+def lockstep(items: list[T], filler: T | None = None) -> list[tuple[T, float]]:
     """Pad this rank's work items (micro-batches, trajectory ranges) to the largest count over ranks with
-    zero-weight repeats of the first, so every rank runs the same number of FSDP forwards/backwards.
-    Returns ``(item, weight)`` pairs: 1.0 for real work, 0.0 for padding. ``items`` must not be empty."""
-    if not items:
+    zero-weight repeats of the first (of ``filler`` where this rank has none), so every rank runs the same
+    number of FSDP forwards/backwards. Returns ``(item, weight)`` pairs: 1.0 for real work, 0.0 for padding
+    (none at all where no rank has an item). ``items`` may be empty only with a ``filler``."""
+    if not items and filler is None:
         raise ValueError("lockstep: items is empty; every rank needs at least one trajectory")
     count = max_over_ranks(len(items))
-    return [(items[i], 1.0) if i < len(items) else (items[0], 0.0) for i in range(count)]
+    pad = items[0] if items else filler
+    return [(items[i], 1.0) if i < len(items) else (pad, 0.0) for i in range(count)]

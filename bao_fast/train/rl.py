@@ -36,7 +36,7 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,20 +148,7 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
     # 3. pack
     batch = pack_segments([t.segments for t in trajectories], env.device)
 
-    # 4. old (and reference) log-probs, row-aligned: row t scores token t+1 (recompute: the first
-    # mini-batch's come from its first training forward, see policy_update)
-    t0 = phase_clock(env.device)
-    cuts = minibatch_cuts(cfg, batch)
-    if r.old_logprobs == "engine":
-        old_logp = engine_row_logprobs(trajectories, batch)
-    else:
-        old_logp = forward_logprobs(s.policy, batch, r.temperature, cfg.train.micro_batch_tokens, start=cuts[1])
-    ref_logp = None
-    if s.ref_policy is not None:
-        ref_logp = reference_logprobs(s.ref_policy, batch, r.temperature, cfg.train.micro_batch_tokens)
-    times["logprob"] = phase_clock(env.device) - t0
-
-    # 5. BAO shaped advantages (penalties -> turn credits -> scores -> group normalisation -> tokens)
+    # 4. BAO shaped advantages (penalties -> turn credits -> scores -> group normalisation -> tokens)
     shaped = shaped_advantages(
         torch.tensor([x for t in trajectories for x in t.turn_rewards], dtype=torch.float32, device=env.device),
         torch.tensor([x for t in trajectories for x in t.turn_is_answer], dtype=torch.bool, device=env.device),
@@ -171,10 +158,25 @@ def rl_step(s: RLSetup, state: RLState) -> dict[str, Any]:
         cfg.algo.shaping,
     )
     zero_gym_error_advantages(shaped.token_advantages, trajectories, batch)
+    keep = with_learning_signal(cfg, shaped.token_advantages, batch)
+
+    # 5. old (and reference) log-probs, row-aligned: row t scores token t+1 (recompute: the first
+    # mini-batch's come from its first training forward, see policy_update; none for trajectories not kept)
+    t0 = phase_clock(env.device)
+    cuts = minibatch_cuts(cfg, batch)
+    if r.old_logprobs == "engine":
+        old_logp = engine_row_logprobs(trajectories, batch)
+    else:
+        old_logp = forward_logprobs(s.policy, batch, r.temperature, cfg.train.micro_batch_tokens, start=cuts[1],
+                                    keep=keep)
+    ref_logp = None
+    if s.ref_policy is not None:
+        ref_logp = reference_logprobs(s.ref_policy, batch, r.temperature, cfg.train.micro_batch_tokens)
+    times["logprob"] = phase_clock(env.device) - t0
 
     # 6. PPO epochs over mini-batches of prompts, micro-batched by token budget
     t0 = phase_clock(env.device)
-    update = policy_update(s, state, batch, cuts, old_logp, shaped.token_advantages, ref_logp)
+    update = policy_update(s, state, batch, cuts, old_logp, shaped.token_advantages, ref_logp, keep)
     times["update"] = phase_clock(env.device) - t0
 
     metrics = rollout_metrics(trajectories, batch, env)
@@ -245,20 +247,43 @@ def rollout(
     )
 
 
+def with_learning_signal(cfg: Config, advantages: torch.Tensor, batch: PackedBatch) -> list[bool]:
+    """Per trajectory: whether the update must run it. With ``train.skip_zero_advantage`` and no KL or entropy
+    term, a trajectory whose advantages ``[T]`` are all 0 (its group's scores all equal, a gym error) has a
+    clipped-ratio loss and gradient of exactly 0: leaving it out changes neither the update (the loss keeps
+    its normaliser) nor its old log-probs' use. One host read of ``[B]`` sums."""
+    loss = cfg.algo.loss
+    if not cfg.train.skip_zero_advantage or loss.kl_coef or loss.entropy_coef:
+        return [True] * batch.num_sequences
+    per_trajectory = torch.zeros(batch.num_sequences, dtype=torch.float32, device=advantages.device)
+    per_trajectory.index_add_(0, batch.seq_ids.long(), (advantages * batch.target_mask).abs())
+    return (per_trajectory != 0).tolist()  # nan stays in: the non-finite guard must see it
+
+
+def kept_bounds(
+    batch: PackedBatch, start: int, stop: int, max_tokens: int, keep: Sequence[bool] | None
+) -> list[tuple[int, int]]:
+    """Micro-batch trajectory ranges of ``max_tokens`` tokens over trajectories ``start:stop``, or over the runs
+    of consecutive ones ``keep`` marks."""
+    runs = [(start, stop)] if keep is None else [
+        (group[0], group[-1] + 1)
+        for kept, group in ((k, list(g)) for k, g in itertools.groupby(range(start, stop), key=keep.__getitem__))
+        if kept
+    ]
+    return [(a + r0, b + r0) for r0, r1 in runs for a, b in batch.select(r0, r1).micro_batch_bounds(max_tokens)]
+
+
 def forward_logprobs(
-    policy: Policy, batch: PackedBatch, temperature: float, max_tokens: int, start: int = 0
+    policy: Policy, batch: PackedBatch, temperature: float, max_tokens: int, start: int = 0,
+    keep: Sequence[bool] | None = None,
 ) -> torch.Tensor:
-    """float32[T] row-aligned log-probs of the targets of trajectories ``start:`` without gradients (0 on
-    untrained rows and on the rows of trajectories before ``start``). Every rank must pass a ``start`` that
-    leaves it trajectories, or all ranks one that leaves none."""
+    """float32[T] row-aligned log-probs of the targets of trajectories ``start:`` (those ``keep`` marks)
+    without gradients (0 on untrained rows and on the rows of the others). Every rank must call it."""
     out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.device)
-    if start == batch.num_sequences:
-        return out
     offsets = batch.host_offsets().tokens.tolist()
-    rest = batch.select(start, batch.num_sequences)
-    bounds = [(a + start, b + start) for a, b in rest.micro_batch_bounds(max_tokens)]
+    bounds = kept_bounds(batch, start, batch.num_sequences, max_tokens, keep)
     with torch.no_grad():
-        for (a, b), weight in lockstep(bounds):
+        for (a, b), weight in lockstep(bounds, filler=(0, 1)):
             logp = policy(batch.select(a, b), temperature=temperature)
             if weight:
                 out[offsets[a] : offsets[b]] = logp
@@ -301,6 +326,7 @@ def policy_update(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     ref_logp: torch.Tensor | None,
+    keep: Sequence[bool] | None = None,
 ) -> dict[str, float]:
     """PPO epochs × mini-batches ``cuts`` of prompts (one optimiser step each, skipped when its loss or gradient
     norm is not finite: a loss-scale overflow (``s.loss_scale``) halves the scale, otherwise ``state.guard``
@@ -309,7 +335,9 @@ def policy_update(
     mean grad norm of the applied updates (nan when none was), the lr, the skipped updates (and overflows and
     the scale, when scaling).
     With ``rollout.old_logprobs=recompute`` the first mini-batch's rows of ``old_logp`` are filled by its
-    first update (on the old weights) and reused by later epochs."""
+    first update (on the old weights) and reused by later epochs. Only the trajectories ``keep`` marks (all
+    when None; see :func:`with_learning_signal`) run; the statistics are over their tokens, and
+    ``actor/trained_token_fraction`` is their share of all trained tokens."""
     cfg = s.cfg
     num_minibatches = len(cuts) - 1
     recompute = cfg.rollout.old_logprobs == "recompute"
@@ -319,12 +347,15 @@ def policy_update(
     updates, weight = num_minibatches * cfg.train.ppo_epochs, 0.0
     grad_norms, skipped, overflows, lr = [], 0, 0, s.scheduler.get_last_lr()[0]
     nonfinite: dict[str, float] = {}  # the first skipped update's values
+    trained_tokens = [0.0, 0.0]  # the updates' tokens that ran, and all their trained tokens
     for epoch in range(cfg.train.ppo_epochs):
         for start, stop in itertools.pairwise(cuts):
             on_policy = recompute and epoch == 0 and start == 0
             stats = accumulate_gradients(s, batch, start, stop, old_logp, advantages, ref_logp, with_entropy,
-                                         fill_old_logp=on_policy)
-            tokens = stats.pop("tokens")
+                                         fill_old_logp=on_policy, keep=keep)
+            tokens, all_tokens = stats.pop("tokens"), stats.pop("all_tokens")
+            trained_tokens[0] += tokens
+            trained_tokens[1] += all_tokens
             s.loss_scale.unscale_(s.policy)
             grad_norm = float(clip_grad_norm(s.policy, cfg.optim.grad_clip))
             if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
@@ -342,8 +373,9 @@ def policy_update(
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + (value / updates if key == "loss" else value * tokens)
     state.guard.check(state.step, **nonfinite)  # train.max_nonfinite_steps counts RL steps, not updates
-    out = {f"actor/{k}": v if k == "loss" else v / weight for k, v in totals.items()}
+    out = {f"actor/{k}": v if k == "loss" else v / max(weight, 1.0) for k, v in totals.items()}
     out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
+    out["actor/trained_token_fraction"] = trained_tokens[0] / max(trained_tokens[1], 1.0)
     out["actor/lr"] = lr  # of the step's first update
     out["actor/skipped_updates"] = skipped
     if s.loss_scale.enabled:
@@ -362,15 +394,18 @@ def accumulate_gradients(
     ref_logp: torch.Tensor | None,
     with_entropy: bool,
     fill_old_logp: bool = False,
+    keep: Sequence[bool] | None = None,
 ) -> dict[str, float]:
     """Backward of the clipped-ratio loss of trajectories ``start:stop`` (this rank's part of one
     mini-batch) in token-budget micro-batches, scaled so that the gradients summed over micro-batches and ALL
     ranks are those of the loss of the whole global mini-batch, whatever the micro-batching: a mean over
     tokens (token-mean) or over sequences (seq-mean-token-mean: those with a trained token; seq-mean-token-sum)
     takes each micro-batch's share of the count, a sum (seq-mean-token-sum-norm) takes it whole. The entropy
-    bonus and the statistics (token means) take the token share. ``fill_old_logp`` (the weights are still the
-    rollout's): each micro-batch's detached log-probs are written into ``old_logp`` first. Returns the global
-    loss statistics of the mini-batch and, as ``tokens``, its global count of trained tokens (at least 1)."""
+    bonus takes the token share. Only the trajectories ``keep`` marks run (all when None; the others must have
+    no loss), their micro-batches still weighted by the whole mini-batch's counts. ``fill_old_logp`` (the
+    weights are still the rollout's): each micro-batch's detached log-probs are written into ``old_logp``
+    first. Returns the global loss and the statistics (token means over the tokens that ran) of the mini-batch,
+    its global counts of trained tokens that ran (``tokens``) and of all (``all_tokens``)."""
     cfg, loss_cfg = s.cfg, s.cfg.algo.loss
 
     def counts(part: PackedBatch) -> list[float]:
@@ -379,12 +414,15 @@ def accumulate_gradients(
         sequences = int((per_sequence > 0).sum()) if loss_cfg.agg == "seq-mean-token-mean" else part.num_sequences
         return [float(per_sequence.sum()), float(sequences)]
 
-    mini = batch.select(start, stop)
-    global_tokens, global_sequences = (max(x, 1.0) for x in sum_over_ranks(counts(mini)))
+    bounds = kept_bounds(batch, start, stop, cfg.train.micro_batch_tokens, keep)
+    ran = sum(counts(batch.select(a, b))[0] for a, b in bounds)
+    global_tokens, global_sequences, global_ran = sum_over_ranks([*counts(batch.select(start, stop)), ran])
+    global_tokens, global_sequences = max(global_tokens, 1.0), max(global_sequences, 1.0)
     offsets = batch.host_offsets().tokens.tolist()
-    bounds = [(a + start, b + start) for a, b in mini.micro_batch_bounds(cfg.train.micro_batch_tokens)]
     sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per mini-batch, not per micro-batch
-    for (a, b), weight in lockstep(bounds):
+    # every rank runs at least one micro-batch (zero-weight where it has none): FSDP's collectives, and the
+    # zero gradient AdamW still applies (momentum, weight decay) where no rank ran a trajectory
+    for (a, b), weight in lockstep(bounds, filler=(start, start + 1)) or [((start, start + 1), 0.0)]:
         micro = batch.select(a, b)
         t0, t1 = offsets[a], offsets[b]
         out = s.policy(micro, temperature=cfg.rollout.temperature, return_entropy=with_entropy)
@@ -413,9 +451,11 @@ def accumulate_gradients(
         s.loss_scale.scaled(objective).backward()
         sums["loss"] = sums.get("loss", 0.0) + objective.detach().double()
         for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().double() * token_share
+            sums[key] = sums.get(key, 0.0) + torch.as_tensor(value).detach().double() * weight * tokens / max(
+                global_ran, 1.0)
     keys = sorted(sums)
-    return {**dict(zip(keys, sum_over_ranks(torch.stack([sums[k] for k in keys]).tolist()))), "tokens": global_tokens}
+    summed = dict(zip(keys, sum_over_ranks(torch.stack([sums[k] for k in keys]).tolist())))
+    return {**summed, "tokens": global_ran, "all_tokens": global_tokens}
 
 
 def _global_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -4,6 +4,7 @@ predicts), derived here independently from the fp64 reference over token-aligned
 
 from __future__ import annotations
 
+import itertools
 import time
 from types import SimpleNamespace
 
@@ -29,9 +30,9 @@ EPISODES = [
 ]
 
 
-def _trajectories() -> list[Trajectory]:
+def _trajectories(episodes=EPISODES) -> list[Trajectory]:
     out, token = [], 10
-    for k, (group, turns, lengths) in enumerate(EPISODES):
+    for k, (group, turns, lengths) in enumerate(episodes):
         segments: list[tuple[str, list[int]]] = [("user", [5, 6, 7, 8])]
         for n in lengths:
             segments += [("assistant", list(range(token, token + n))), ("user", [9, 9])]
@@ -52,8 +53,8 @@ def _run_step(monkeypatch: pytest.MonkeyPatch, overrides: list[str], trajectorie
         captured["return_logprobs"] = return_logprobs
         return trajectories
 
-    def update(s, state, batch, cuts, old_logp, advantages, ref_logp):
-        captured.update(batch=batch, old_logp=old_logp.clone(), advantages=advantages.clone())
+    def update(s, state, batch, cuts, old_logp, advantages, ref_logp, keep):
+        captured.update(batch=batch, old_logp=old_logp.clone(), advantages=advantages.clone(), keep=keep)
         return {}
 
     monkeypatch.setattr(rl, "sync_engine", lambda s: None)
@@ -84,6 +85,8 @@ def test_update_gets_the_shaped_advantages_of_the_rollouts(monkeypatch: pytest.M
         expected[start : stop - 1] = per_token[start + 1 : stop]  # row t scores token t + 1 of its trajectory
     assert expected.abs().gt(0).sum() > 20 and (expected > 0).any() and (expected < 0).any()
     torch.testing.assert_close(captured["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
+    signal = [bool(expected[a:b].any()) for a, b in itertools.pairwise(batch.cu_seqlens.tolist())]
+    assert captured["keep"] == signal
     assert captured["metrics"]["advantage_abs_max"] == pytest.approx(float(expected.abs().max()), rel=1e-5)
     assert captured["metrics"]["advantage_abs_mean"] == pytest.approx(
         float(expected.abs().sum() / batch.target_mask.sum()), rel=1e-5)
@@ -129,3 +132,11 @@ def test_engine_old_logprobs_must_cover_every_assistant_token(monkeypatch: pytes
     trajectories[2].engine_logprobs.pop()
     with pytest.raises(ValueError, match="engine log-probs for every assistant token"):
         _run_step(monkeypatch, ["rollout.old_logprobs=engine"], trajectories)
+
+
+def test_a_group_of_equal_scores_is_left_out_of_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group 1's two episodes score alike: no advantage, so the update is told to leave them out."""
+    same = (1, [(0.0, False), (1.0, True)], [4, 3])
+    captured = _run_step(monkeypatch, [], _trajectories([*EPISODES[:2], same, same]))
+    assert captured["keep"] == [True, True, False, False]
+    assert captured["metrics"]["advantage_abs_max"] > 0

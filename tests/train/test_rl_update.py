@@ -72,14 +72,16 @@ def run_update(model_dir: Path, batch, old_logprobs: str, mini_batch_size: int, 
     s = SimpleNamespace(cfg=cfg, policy=policy, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim, 8),
                         loss_scale=loss_scale or loss_scale_for(cfg.optim, torch.float32))
     cuts = minibatch_cuts(cfg, batch)
-    if old_logp is None:
-        old_logp = forward_logprobs(policy, batch, TEMPERATURE, cfg.train.micro_batch_tokens, start=cuts[1])
     advantages = torch.randn(batch.num_tokens, generator=torch.Generator().manual_seed(5)) * batch.target_mask
     advantages *= advantage_scale
+    keep = rl.with_learning_signal(cfg, advantages, batch)  # as rl_step: advantages first
+    if old_logp is None:
+        old_logp = forward_logprobs(policy, batch, TEMPERATURE, cfg.train.micro_batch_tokens, start=cuts[1],
+                                    keep=keep)
     state = SimpleNamespace(step=0, guard=NonFiniteGuard(cfg.train.max_nonfinite_steps))
     for _ in range(steps):
         state.step += 1
-        stats = policy_update(s, state, batch, cuts, old_logp, advantages, None)
+        stats = policy_update(s, state, batch, cuts, old_logp, advantages, None, keep)
     return policy, old_logp, stats, no_grad_forwards
 
 
@@ -242,3 +244,33 @@ def test_make_engine_samples_in_the_policys_compute_dtype(
     cfg = load_config(None, ["model.tiny=true", "model.dtype=float16", "rollout.engine=hf"])
     assert rl.make_engine(cfg, tmp_path, SimpleNamespace(device=torch.device(device))) == "engine"
     assert calls == [{"device": torch.device(device), "dtype": expected}]
+
+
+def test_trajectories_without_advantage_are_left_out_of_an_identical_update(model_dir, batch):
+    """Two of the four prompt groups have all-zero advantages (equal scores): with train.skip_zero_advantage
+    they run no forward at all (old log-probs, training), and the weights and loss equal the full update's."""
+    offsets = batch.host_offsets().tokens
+    scale = torch.ones(batch.num_tokens)
+    scale[offsets[GROUP] : offsets[3 * GROUP]] = 0.0  # groups 1 and 2
+    full, _, full_stats, full_no_grad = run_update(model_dir, batch, "recompute", PROMPTS // 2, 2,
+                                                   overrides=("train.skip_zero_advantage=false",),
+                                                   advantage_scale=scale)
+    lean, _, stats, no_grad = run_update(model_dir, batch, "recompute", PROMPTS // 2, 2, advantage_scale=scale)
+    assert sum(full_no_grad) == 2 * GROUP and sum(no_grad) == GROUP  # the second mini-batch: group 3 only
+    rows = batch.host_offsets().target_rows
+    kept = int(rows[GROUP] - rows[0] + rows[4 * GROUP] - rows[3 * GROUP])
+    assert stats["actor/trained_token_fraction"] == pytest.approx(kept / int(rows[-1]))
+    assert full_stats["actor/trained_token_fraction"] == 1.0
+    assert stats["actor/loss"] == pytest.approx(full_stats["actor/loss"], rel=1e-6, abs=1e-9)
+    for p, q in zip(lean.parameters(), full.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_every_trajectory_runs_where_a_zero_advantage_still_has_a_loss(batch):
+    """A KL or entropy term gives zero-advantage tokens a gradient; a nan advantage must reach the guard."""
+    advantages = torch.zeros(batch.num_tokens)
+    advantages[batch.host_offsets().tokens[1] + 1] = float("nan")  # in trajectory 1
+    base = ["model.tiny=true"]
+    assert rl.with_learning_signal(load_config(None, base), advantages, batch) == [False, True] + [False] * 6
+    for extra in ("algo.loss.kl_coef=0.1", "algo.loss.entropy_coef=0.01", "train.skip_zero_advantage=false"):
+        assert rl.with_learning_signal(load_config(None, [*base, extra]), advantages, batch) == [True] * 8, extra
