@@ -24,6 +24,7 @@ def main() -> None:
         "sum": sum_over_ranks([1.0 + rank, 0.25]),
         "gather": gather_objects({"rank": rank}),
         "lockstep": lockstep([f"r{rank}-{i}" for i in range(rank + 1)]),
+        "lockstep_filler": lockstep(["x"] if rank else [], filler="f"),
     }
     Path(sys.argv[1], f"rank-{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()

@@ -42,6 +42,11 @@ def test_lockstep_pads_with_zero_weight_repeats_of_the_first_item(monkeypatch: p
 
 
 @pytest.mark.usefixtures("single_rank_world")
+def test_lockstep_of_no_items_anywhere_is_empty() -> None:
+    assert lockstep([], filler="f") == []
+
+
+@pytest.mark.usefixtures("single_rank_world")
 def test_lockstep_refuses_an_empty_rank() -> None:
     with pytest.raises(ValueError, match="lockstep: items is empty; every rank needs at least one trajectory"):
         lockstep([])
@@ -56,3 +61,4 @@ def test_collectives_across_two_ranks(tmp_path: Path) -> None:
         assert r["gather"] == [{"rank": 0}, {"rank": 1}]
     assert r0["lockstep"] == [["r0-0", 1.0], ["r0-0", 0.0]]  # rank 1 has two items: one weight-0 repeat
     assert r1["lockstep"] == [["r1-0", 1.0], ["r1-1", 1.0]]
+    assert r0["lockstep_filler"] == [["f", 0.0]] and r1["lockstep_filler"] == [["x", 1.0]]  # rank 0 has none
