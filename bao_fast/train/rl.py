@@ -373,7 +373,8 @@ def policy_update(
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + (value / updates if key == "loss" else value * tokens)
     state.guard.check(state.step, **nonfinite)  # train.max_nonfinite_steps counts RL steps, not updates
-    out = {f"actor/{k}": v if k == "loss" else v / max(weight, 1.0) for k, v in totals.items()}
+    # statistics over the tokens that ran: nan where none did (no advantage anywhere), not a fake 0
+    out = {f"actor/{k}": v if k == "loss" else (v / weight if weight else math.nan) for k, v in totals.items()}
     out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
     out["actor/trained_token_fraction"] = trained_tokens[0] / max(trained_tokens[1], 1.0)
     out["actor/lr"] = lr  # of the step's first update
