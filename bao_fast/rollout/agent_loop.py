@@ -29,8 +29,8 @@ With a tensor-parallel engine (``tp_group`` of more than one rank, ``bao_fast.ro
 of the group calls ``run_episodes`` with the same arguments; only the group's leader resets and steps the gyms,
 and the other ranks receive its results (opening messages, step results, the exceptions raised), so the
 ranks submit the same requests in the same order even when the gym's replies are not reproducible (an LLM
-user simulator), and the simulator sees each request once. Continuous scheduling broadcasts which answers are
-in after every engine step while a gym step is pending (a small gloo message).
+user simulator), and the simulator sees each request once. Continuous scheduling exchanges one small gloo
+message per engine step (the outputs' digest, the answers that are in).
 
 End conditions (BAO.md), in the order they are checked after a turn:
 
@@ -324,9 +324,9 @@ def _play_continuously(
 ) -> None:
     """Each episode's next turn is queued as soon as its gym step returns, while the engine keeps generating
     the others'; if anything raises, the gym steps not started are cancelled and the unfinished requests
-    dropped. In a tensor-parallel group the leader steps the gyms and, after every engine step, tells the group
-    which answers are in, so that every rank adds the same requests in the same order."""
-    lead = _on_leader(tp_group)
+    dropped. In a tensor-parallel group the leader steps the gyms; after every engine step one gather checks
+    that the ranks' outputs agree (a diverging rank fails the group at once instead of desynchronising it) and
+    hands every rank the answers that are in, so that all add the same requests in the same order."""
     steps: dict[int, Future] = {}  # the gym steps in flight (on the leader), by episode
     waiting: dict[int, Generation] = {}  # every rank: the episodes waiting on their gym, and their outputs
 
@@ -344,17 +344,21 @@ def _play_continuously(
             queue(ep)
         while engine.has_unfinished_requests() or waiting:
             generating = engine.has_unfinished_requests()
-            if generating:
-                for index, raw in engine.step():
-                    ep = episodes[index]
-                    if (out := rules.take_output(ep, raw)) is not None:
-                        waiting[index] = out[0]
-                        if ep.gym is not None:  # the leader's (or a lone rank's) gyms
-                            steps[index] = pool.submit(step_gym, ep.gym, ep.traj.task_id, out[1])
-            if waiting:  # (the same on every rank of a group: the engine's outputs are)
-                for index, result in lead(partial(answers, not generating)):
-                    if rules.take_result(episodes[index], waiting.pop(index), result):
-                        queue(episodes[index])
+            outputs = engine.step() if generating else []
+            for index, raw in outputs:
+                ep = episodes[index]
+                if (out := rules.take_output(ep, raw)) is not None:
+                    waiting[index] = out[0]
+                    if ep.gym is not None:  # the leader's (or a lone rank's) gyms
+                        steps[index] = pool.submit(step_gym, ep.gym, ep.traj.task_id, out[1])
+            collect = partial(answers, not generating) if waiting else list
+            if tp_group is None:
+                ready = collect()
+            else:
+                ready = tp_group.checked_from_leader([(i, g.token_ids) for i, g in outputs], collect)
+            for index, result in ready:
+                if rules.take_result(episodes[index], waiting.pop(index), result):
+                    queue(episodes[index])
     except BaseException:
         for future in steps.values():
             future.cancel()

@@ -96,22 +96,10 @@ class TPGroup:
         pickle; one that does not makes every rank raise TypeError."""
         if self.process_group is None:
             return fn()
-        box: list[Any] = [None]
-        error: BaseException | None = None
-        if self.is_leader:
-            try:
-                payload: tuple[bool, Any] = (True, fn())
-            except Exception as exc:
-                error, payload = exc, (False, exc)
-            box[0] = _portable(payload)
+        payload, error = self._run_on_leader(fn)
+        box: list[Any] = [payload]
         dist.broadcast_object_list(box, src=self.leader_rank, group=self.process_group)
-        ok, value = pickle.loads(box[0])
-        if ok:
-            return value
-        if error is not None:
-            raise error
-        value.add_note(f"raised on rank {self.leader_rank}, the leader of this rank's tensor-parallel group")
-        raise value
+        return self._leader_result(box[0], error)
 
     def check_identical(self, obj: Any) -> None:
         """RuntimeError on every rank of the group unless ``obj`` (e.g. its rollout's token ids and rewards:
@@ -119,9 +107,43 @@ class TPGroup:
         one small gather of a digest."""
         if self.process_group is None:
             return
-        digest = hashlib.blake2b(pickle.dumps(obj), digest_size=16).hexdigest()
         digests: list[Any] = [None] * self.size
-        dist.all_gather_object(digests, digest, group=self.process_group)
+        dist.all_gather_object(digests, _digest(obj), group=self.process_group)
+        self._require_identical(digests)
+
+    def checked_from_leader(self, obj: Any, fn: Callable[[], T]) -> T:
+        """:meth:`check_identical` of ``obj`` and :meth:`from_leader` of ``fn`` in one gather: RuntimeError on
+        every rank unless ``obj`` is the same on all of them, else the leader's result (or its exception)."""
+        if self.process_group is None:
+            return fn()
+        payload, error = self._run_on_leader(fn)
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, (_digest(obj), payload), group=self.process_group)
+        self._require_identical([digest for digest, _ in gathered])
+        return self._leader_result(gathered[0][1], error)  # member 0: the leader
+
+    def _run_on_leader(self, fn: Callable[[], Any]) -> tuple[bytes | None, Exception | None]:
+        """On the leader, ``fn()``'s pickled ``(ok, result or exception)`` and the exception itself; elsewhere
+        ``(None, None)``."""
+        if not self.is_leader:
+            return None, None
+        try:
+            return _portable((True, fn())), None
+        except Exception as exc:
+            return _portable((False, exc)), exc
+
+    def _leader_result(self, payload: bytes, error: Exception | None) -> Any:
+        """The leader's result from its pickled payload, or its exception raised (the original on the leader,
+        a copy noted as the leader's elsewhere)."""
+        ok, value = pickle.loads(payload)
+        if ok:
+            return value
+        if error is not None:
+            raise error
+        value.add_note(f"raised on rank {self.leader_rank}, the leader of this rank's tensor-parallel group")
+        raise value
+
+    def _require_identical(self, digests: list[Any]) -> None:
         if len(set(digests)) > 1:
             raise RuntimeError(
                 f"the ranks of tensor-parallel group {self.index} (ranks {self.leader_rank}.."
@@ -145,6 +167,11 @@ def contiguous_share(items: Sequence[T], part: int, parts: int) -> list[T]:
         raise ValueError(f"{len(items)} items cannot be split evenly into {parts} parts")
     per = len(items) // parts
     return list(items[part * per : (part + 1) * per])
+
+
+def _digest(obj: Any) -> str:
+    """A 128-bit digest of ``obj``'s pickle."""
+    return hashlib.blake2b(pickle.dumps(obj), digest_size=16).hexdigest()
 
 
 def _portable(payload: tuple[bool, Any]) -> bytes:

@@ -1,9 +1,10 @@
 """Worker for ``test_tp_group.py`` (``torchrun --nproc_per_node 4``, gloo, no vLLM; not collected).
 
 Every rank builds ``TPGroup.create(2)`` (groups [0, 1] and [2, 3]), exercises its shares, ``from_leader``
-(results, exceptions, what does not pickle), ``check_identical`` and ``run_episodes`` with a scripted engine
-and a gym whose feedback names the rank that stepped it (also with an engine that diverges on one rank, and a
-gym factory that fails on the leader), then writes ``rank<r>.json`` into ``argv[1]``.
+(results, exceptions, what does not pickle), ``check_identical``, ``checked_from_leader`` and ``run_episodes``
+with a scripted engine, in rounds and streaming, and a gym whose feedback names the rank that stepped it (also
+with engines that diverge on one rank, and a gym factory that fails on the leader), then writes
+``rank<r>.json`` into ``argv[1]``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,32 @@ class EchoEngine:
         return [Generation([48 + len(p) % 10, self.eos], None, "stop") for p in prompts]
 
 
+class StreamingEchoEngine(EchoEngine):
+    """EchoEngine as the group's shared StreamingEngine: each step finishes the oldest queued request."""
+
+    tensor_parallel_size = 2
+
+    def __init__(self, eos: int, diverge_on: int | None = None) -> None:
+        super().__init__(eos)
+        self.queue: list[tuple[int, list[int]]] = []
+        self.diverge_on = diverge_on  # this rank answers other tokens (a would-be vLLM bug)
+
+    def add_request(self, key: int, prompt: list[int], params: GenerationParams) -> None:
+        self.prompts.append([key, prompt])
+        self.queue.append((key, prompt))
+
+    def step(self) -> list[tuple[int, Generation]]:
+        key, prompt = self.queue.pop(0)
+        tokens = [49, 50, self.eos] if dist.get_rank() == self.diverge_on else [48 + len(prompt) % 10, self.eos]
+        return [(key, Generation(tokens, None, "stop"))]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.queue)
+
+    def abort_requests(self) -> None:
+        self.queue.clear()
+
+
 def outcome(fn) -> Any:
     try:
         return {"value": fn()}
@@ -109,6 +136,9 @@ def main(out_dir: str) -> None:
         return run_episodes(engine, tokenizer, factory, tasks, group_size=2, params=GenerationParams(max_tokens=4),
                             max_turns=3, tp_group=group)
 
+    streaming = StreamingEchoEngine(tokenizer.eos_token_id)
+    streamed = run_episodes(streaming, tokenizer, lambda: RankGym(max_turns=3), tasks, group_size=2,
+                            params=GenerationParams(max_tokens=4), max_turns=3, tp_group=group)
     result = {
         "diverged": outcome(lambda: play(DivergingEngine(tokenizer.eos_token_id), lambda: RankGym(max_turns=3))),
         "factory_error": outcome(lambda: play(EchoEngine(tokenizer.eos_token_id), no_gym)),
@@ -122,6 +152,13 @@ def main(out_dir: str) -> None:
         "unpicklable_error": outcome(lambda: group.from_leader(raises(Unpicklable(why="odd")))),
         "same": outcome(lambda: group.check_identical(["x", group.index])),
         "different": outcome(lambda: group.check_identical(["x", rank])),
+        "checked": outcome(lambda: group.checked_from_leader(["x", group.index], lambda: rank)),
+        "checked_different": outcome(lambda: group.checked_from_leader(["x", rank], lambda: rank)),
+        "checked_error": outcome(lambda: group.checked_from_leader(["x"], raises(UserSimulatorError("gone")))),
+        "streamed": [[t.task_id, t.input_ids, t.turn_choices, t.end_reason, t.messages] for t in streamed],
+        "streamed_requests": streaming.prompts,
+        "stream_diverged": outcome(lambda: len(play(StreamingEchoEngine(tokenizer.eos_token_id, diverge_on=1),
+                                                    lambda: RankGym(max_turns=3)))),
         "prompts": engine.prompts,
         "trajectories": [[t.task_id, t.input_ids, t.turn_choices, t.end_reason, t.messages] for t in trajs],
         "gym_steps": RankGym.steps,

@@ -92,3 +92,24 @@ def test_tensor_parallel_size_must_divide_the_world_size() -> None:
     check_tp_size(2, 4)
     with pytest.raises(ConfigError, match=r"'rollout.tensor_parallel_size' \(2\) must divide the world size \(1\)"):
         check_tp_size(2, 1)
+
+
+def test_checked_from_leader_checks_and_shares_in_one_gather(ranks) -> None:
+    assert [r["checked"] for r in ranks] == [{"value": 0}, {"value": 0}, {"value": 2}, {"value": 2}]
+    for r in ranks:
+        assert r["checked_different"]["error"] == "RuntimeError"
+        assert "rolled out different episodes" in r["checked_different"]["message"]
+        assert r["checked_error"]["error"] == "UserSimulatorError"
+
+
+def test_a_group_streams_the_episodes_of_its_rounds_in_lockstep(ranks) -> None:
+    """Continuous scheduling on the group's shared streaming engine: every rank adds the same requests in the
+    same order, and the episodes are those the rounds gave; a rank whose engine diverges fails the whole group
+    at once (it would desynchronise, then hang, the collectives)."""
+    for leader, follower in (ranks[0:2], ranks[2:4]):
+        assert leader["streamed_requests"] == follower["streamed_requests"] and leader["streamed_requests"]
+        assert leader["streamed"] == follower["streamed"] == leader["trajectories"]
+    for r in ranks[:2]:  # rank 1's engine diverges: its group fails; the other group plays on
+        assert r["stream_diverged"]["error"] == "RuntimeError"
+        assert "rolled out different episodes" in r["stream_diverged"]["message"]
+    assert ranks[2]["stream_diverged"] == ranks[3]["stream_diverged"] == {"value": 4}
