@@ -305,15 +305,17 @@ def _play_in_rounds(
     engine: GenerationEngine, episodes: list[_Episode], rules: _Rules, pool: ThreadPoolExecutor,
     tp_group: TPGroup | None,
 ) -> None:
-    """Every round: one ``generate`` call for all live episodes, then all their gym steps (on the group's
-    leader, its results shared with the group)."""
-    lead = _on_leader(tp_group)
+    """Every round: one ``generate`` call for all live episodes, then all their gym steps (in a group: on the
+    leader, its results shared with the group in the gather that checks the ranks' outputs agree, so that a
+    diverging rank fails this round instead of desynchronising the next one)."""
     while live := [ep for ep in episodes if not ep.done]:
         gens = engine.generate([ep.prompt for ep in live], rules.turn_params(live[0].turn))
-        if tp_group is not None:  # a diverging rank must fail this round, not desynchronise the next one
-            tp_group.check_identical([g.token_ids for g in gens])
         stepping = [(ep, *out) for ep, raw in zip(live, gens) if (out := rules.take_output(ep, raw)) is not None]
-        results = lead(partial(_step_all, pool, stepping))
+        step_gyms = partial(_step_all, pool, stepping)
+        if tp_group is None:
+            results = step_gyms()
+        else:
+            results = tp_group.checked_from_leader([g.token_ids for g in gens], step_gyms)
         for (ep, gen, _), result in zip(stepping, results):
             rules.take_result(ep, gen, result)
 
