@@ -191,7 +191,7 @@ class TrainConfig:
     group whose scores are all equal, a gym error) out of the old-log-prob and training forwards: their loss
     and gradient are exactly 0, and the loss keeps its normaliser, so the update is the same up to float
     summation order (one difference: a non-finite log-prob of a trajectory left out no longer makes the loss nan
-    and skips the update); the actor statistics are over the tokens that ran (nan when none did), and
+    and skips the update); the actor statistics are over the tokens that ran (not logged when none did), and
     ``actor/trained_token_fraction`` is their share."""
 
     steps: int = 100

@@ -336,8 +336,8 @@ def policy_update(
     the scale, when scaling).
     With ``rollout.old_logprobs=recompute`` the first mini-batch's rows of ``old_logp`` are filled by its
     first update (on the old weights) and reused by later epochs. Only the trajectories ``keep`` marks (all
-    when None; see :func:`with_learning_signal`) run; the statistics are over their tokens, and
-    ``actor/trained_token_fraction`` is their share of all trained tokens."""
+    when None; see :func:`with_learning_signal`) run; the statistics are over their tokens (left out of the
+    result where none ran), and ``actor/trained_token_fraction`` is their share of all trained tokens."""
     cfg = s.cfg
     num_minibatches = len(cuts) - 1
     recompute = cfg.rollout.old_logprobs == "recompute"
@@ -373,8 +373,8 @@ def policy_update(
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + (value / updates if key == "loss" else value * tokens)
     state.guard.check(state.step, **nonfinite)  # train.max_nonfinite_steps counts RL steps, not updates
-    # statistics over the tokens that ran: nan where none did (no advantage anywhere), not a fake 0
-    out = {f"actor/{k}": v if k == "loss" else (v / weight if weight else math.nan) for k, v in totals.items()}
+    # statistics over the tokens that ran; none where none did (no advantage anywhere), rather than a fake 0
+    out = {f"actor/{k}": v if k == "loss" else v / weight for k, v in totals.items() if k == "loss" or weight}
     out["actor/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
     out["actor/trained_token_fraction"] = trained_tokens[0] / max(trained_tokens[1], 1.0)
     out["actor/lr"] = lr  # of the step's first update
