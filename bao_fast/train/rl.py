@@ -415,11 +415,12 @@ def accumulate_gradients(
         sequences = int((per_sequence > 0).sum()) if loss_cfg.agg == "seq-mean-token-mean" else part.num_sequences
         return [float(per_sequence.sum()), float(sequences)]
 
+    host = batch.host_offsets()
     bounds = kept_bounds(batch, start, stop, cfg.train.micro_batch_tokens, keep)
-    ran = sum(counts(batch.select(a, b))[0] for a, b in bounds)
+    ran = float(sum(host.target_rows[b] - host.target_rows[a] for a, b in bounds))  # trained rows that run
     global_tokens, global_sequences, global_ran = sum_over_ranks([*counts(batch.select(start, stop)), ran])
     global_tokens, global_sequences = max(global_tokens, 1.0), max(global_sequences, 1.0)
-    offsets = batch.host_offsets().tokens.tolist()
+    offsets = host.tokens.tolist()
     sums: dict[str, torch.Tensor] = {}  # on the device: one host sync per mini-batch, not per micro-batch
     # every rank runs at least one micro-batch (zero-weight where it has none): FSDP's collectives, and the
     # zero gradient AdamW still applies (momentum, weight decay) where no rank ran a trajectory
