@@ -27,6 +27,7 @@ def main() -> None:
         "lockstep_filler": lockstep(["x"] if rank else [], filler="f"),
     }
     Path(sys.argv[1], f"rank-{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # no rank tears its group down while the other may still be talking to it
     dist.destroy_process_group()
 
 

@@ -40,6 +40,7 @@ def main() -> None:
     mismatches = sorted(k for k in want.keys() | got.keys()
                         if k not in want or k not in got or not torch.equal(got[k].detach().cpu(), want[k]))
     (out_dir / f"rank-{env.rank}.json").write_text(json.dumps({"reads": len(reads), "mismatches": mismatches}))
+    dist.barrier()  # no rank tears its group down while the other may still be talking to it
     dist.destroy_process_group()
 
 
